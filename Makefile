@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make train` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.moejax-installed
+WORKDIR ?= runs/switch_small
+CONFIG ?= experiments/switch_small.py
+PYTEST_ARGS ?=
+
+.PHONY: venv train test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test,corpora,plot]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m moejax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) runs
