@@ -1,0 +1,123 @@
+"""How tokens reach experts: one routing decision, executed two ways with identical results.
+
+A dispatcher has two methods:
+  dispatch(x_GSM) -> x_EGCM   each expert's capacity buffer, one per group; empty slots are zero
+  combine(y_EGCM) -> y_GSM    each token's weighted sum of its kept experts' outputs
+
+`EinsumDispatcher` is the GShard formulation: the one-hot (G, S, E, C) dispatch and combine
+tensors contracted with einsum. Simple and MXU-friendly, but it spends 2*G*S*E*C*M FLOPs per einsum.
+
+`IndexDispatcher` never materialises the one-hot. It turns the decision into two index maps over
+flattened rows,
+  dest_GSK  : row of the (E*G*C) expert buffer each assignment goes to (sentinel E*G*C: dropped)
+  src_EGC   : assignment (g*S*K + s*K + k) that fills each buffer row (sentinel G*S*K: empty)
+and moves rows with gathers only. Because kept assignments and filled slots are in one-to-one
+correspondence, the transpose of each gather is again a gather through the other map
+(`_gather_rows` has a custom VJP), so neither the forward nor the backward pass scatters M-wide rows.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from moejax.routing import RoutingDecision
+
+
+class DispatchKind(enum.Enum):
+  EINSUM = "einsum"
+  INDEX = "index"
+
+
+class Dispatcher(Protocol):
+
+  def dispatch(self, x_GSM: jax.Array) -> jax.Array:
+    ...
+
+  def combine(self, y_EGCM: jax.Array) -> jax.Array:
+    ...
+
+
+class EinsumDispatcher:
+  """Dispatch and combine by contracting with the one-hot (G, S, E, C) tensors."""
+
+  def __init__(self, decision: RoutingDecision):
+    self.dispatch_GSEC = decision.dispatch_GSEC()
+    self.combine_GSEC = decision.combine_GSEC()
+
+  def dispatch(self, x_GSM: jax.Array) -> jax.Array:
+    dispatch_GSEC = self.dispatch_GSEC.astype(x_GSM.dtype)
+    return jnp.einsum("GSEC,GSM->EGCM", dispatch_GSEC, x_GSM)
+
+  def combine(self, y_EGCM: jax.Array) -> jax.Array:
+    combine_GSEC = self.combine_GSEC.astype(y_EGCM.dtype)
+    return jnp.einsum("EGCM,GSEC->GSM", y_EGCM, combine_GSEC)
+
+
+class IndexDispatcher:
+  """Dispatch and combine with row gathers through two index maps (see module docstring)."""
+
+  def __init__(self, decision: RoutingDecision):
+    G, S, K = decision.expert_index_GSK.shape
+    E, C = decision.num_experts, decision.capacity
+    self.shape = (G, S, K, E, C)
+    self.weight_GSK = decision.weight_GSK
+    g_G11 = jnp.arange(G, dtype=jnp.int32)[:, None, None]
+    row_GSK = (decision.expert_index_GSK * G + g_G11) * C + decision.slot_GSK
+    self.dest_GSK = jnp.where(decision.keep_GSK, row_GSK, E * G * C).astype(jnp.int32)
+    # Invert dest: each kept assignment writes its own id into the row it fills. Integer scatter
+    # of G*S*K entries (no M-wide rows); dropped assignments land in the sentinel row, cut off.
+    assignment_ids = jnp.arange(G * S * K, dtype=jnp.int32)
+    src = jnp.full((E * G * C + 1,), G * S * K, jnp.int32)
+    self.src_EGC = src.at[self.dest_GSK.reshape(-1)].set(assignment_ids)[:-1]
+
+  def dispatch(self, x_GSM: jax.Array) -> jax.Array:
+    G, S, K, E, C = self.shape
+    M = x_GSM.shape[-1]
+    # Buffer row r takes token src_EGC[r] // K; the backward sums each token's K buffer rows.
+    token_EGC = jnp.where(self.src_EGC < G * S * K, self.src_EGC // K, G * S)
+    x_TM = x_GSM.reshape(G * S, M)
+    out = _gather_rows(x_TM, token_EGC, self.dest_GSK.reshape(G * S, K))
+    return out.reshape(E, G, C, M)
+
+  def combine(self, y_EGCM: jax.Array) -> jax.Array:
+    G, S, K, E, C = self.shape
+    M = y_EGCM.shape[-1]
+    y_RM = y_EGCM.reshape(E * G * C, M)
+    rows_GSKM = _gather_rows(y_RM, self.dest_GSK.reshape(-1), self.src_EGC[:, None])
+    rows_GSKM = rows_GSKM.reshape(G, S, K, M)
+    return jnp.einsum("GSKM,GSK->GSM", rows_GSKM, self.weight_GSK.astype(y_EGCM.dtype))
+
+
+@jax.custom_vjp
+def _gather_rows(table_NM: jax.Array, index_P: jax.Array, inverse_NR: jax.Array) -> jax.Array:
+  """out[p] = table[index[p]], zero where index[p] == N.
+
+  `inverse_NR` lists, for each table row n, the output rows p with index[p] == n (padded with the
+  sentinel P). The VJP is then the gather d_table[n] = sum_r d_out[inverse[n, r]].
+  """
+  return jnp.take(table_NM, index_P, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(table_NM, index_P, inverse_NR):
+  return _gather_rows(table_NM, index_P, inverse_NR), (index_P, inverse_NR)
+
+
+def _gather_rows_bwd(residuals, d_out_PM):
+  index_P, inverse_NR = residuals
+  d_rows_NRM = jnp.take(d_out_PM, inverse_NR, axis=0, mode="fill", fill_value=0)
+  return jnp.sum(d_rows_NRM, axis=1), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def make_dispatcher(kind: DispatchKind, decision: RoutingDecision) -> Dispatcher:
+  if kind is DispatchKind.EINSUM:
+    return EinsumDispatcher(decision)
+  if kind is DispatchKind.INDEX:
+    return IndexDispatcher(decision)
+  raise ValueError(f"dispatch={kind!r} is not allowed; choose one of 'einsum', 'index'.")

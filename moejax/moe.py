@@ -1,0 +1,292 @@
+"""The MoE layer: router projection, routing, dispatch, expert-parallel all-to-all, experts, combine.
+
+Dimension letters (DESIGN.md): B batch, L sequence, M model width, F FFN width, E experts,
+K experts per token, G groups, S group size, C expert capacity, X expert-parallel size.
+
+Per device, inside `jax.shard_map` over the mesh (tokens split over ("data", "expert")):
+
+    x (T_local, M) -> groups (G, S, M) -> logits (G, S, E) float32 -> RoutingDecision
+      -> dispatch                                   (E, G, C, M)
+      -> all_to_all over "expert": split E, concat G (E/X, X*G, C, M)
+      -> experts, weights (E/X, M, F), (E/X, F, M)   (E/X, X*G, C, M)
+      -> all_to_all back: split G, concat E          (E, G, C, M)
+      -> combine                                    (G, S, M) -> (T_local, M)
+
+Groups never straddle devices, so the sharded layer forms exactly the groups of the single-device
+layer and gives the same outputs, losses and gradients. Random numbers (router jitter, GShard's
+random policy) are drawn in the global view, outside `shard_map`, for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moejax import sharding
+from moejax.dispatch import DispatchKind, make_dispatcher
+from moejax.routing import (RouterConfig, RouterKind, RoutingStats, SecondExpertPolicy, parse_enum,
+                            route)
+
+
+class Activation(enum.Enum):
+  RELU = "relu"
+  GELU = "gelu"
+  SWIGLU = "swiglu"  # silu(x W_gate) * (x W_in); adds an (E, M, F) gate
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_dtype(field: str, value) -> jnp.dtype:
+  if isinstance(value, str) and value in _DTYPES:
+    return jnp.dtype(_DTYPES[value])
+  if value in (jnp.float32, jnp.bfloat16):
+    return jnp.dtype(value)
+  raise ValueError(f"{field}={value!r} is not allowed; choose one of {sorted(_DTYPES)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Typed settings of one MoE layer.
+
+  Attributes:
+    router: the router settings (number of experts, k, capacity, losses).
+    ffn_dim: F, the hidden width of each expert.
+    group_size: S, tokens per routing group; must divide the tokens on each device.
+    dispatch: `DispatchKind.INDEX` (gathers) or `DispatchKind.EINSUM` (one-hot tensors).
+    activation: relu, gelu or swiglu.
+    expert_dropout: dropout rate on the experts' hidden activations in training.
+    dtype: compute dtype of the experts ("float32" or "bfloat16"); the router is always float32.
+  """
+
+  router: RouterConfig = RouterConfig()
+  ffn_dim: int = 2048
+  group_size: int = 1024
+  dispatch: DispatchKind = DispatchKind.INDEX
+  activation: Activation = Activation.RELU
+  expert_dropout: float = 0.0
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if not isinstance(self.router, RouterConfig):
+      raise ValueError(f"moe.router={self.router!r} must be a RouterConfig.")
+    object.__setattr__(self, "dispatch", parse_enum(DispatchKind, "moe.dispatch", self.dispatch))
+    object.__setattr__(self, "activation",
+                       parse_enum(Activation, "moe.activation", self.activation))
+    parse_dtype("moe.dtype", self.dtype)
+    if not isinstance(self.ffn_dim, int) or self.ffn_dim < 1:
+      raise ValueError(f"moe.ffn_dim={self.ffn_dim!r} must be an integer >= 1.")
+    if not isinstance(self.group_size, int) or self.group_size < 1:
+      raise ValueError(f"moe.group_size={self.group_size!r} must be an integer >= 1.")
+    if not 0.0 <= self.expert_dropout < 1.0:
+      raise ValueError(f"moe.expert_dropout={self.expert_dropout!r} must be in [0, 1).")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoeAux:
+  """What an MoE layer returns beside its output: weighted aux loss, raw losses, metrics."""
+
+  aux_loss: jax.Array  # lb_weight * load_balancing_loss + z_weight * router_z_loss
+  losses: dict[str, jax.Array]
+  metrics: dict[str, jax.Array]
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def _activation(kind: Activation, h_EGCF, gate_EGCF):
+  if kind is Activation.RELU:
+    return jax.nn.relu(h_EGCF)
+  if kind is Activation.GELU:
+    return jax.nn.gelu(h_EGCF)
+  return jax.nn.silu(gate_EGCF) * h_EGCF
+
+
+def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation, dropout_rate=0.0,
+               dropout_key=None, model_axis: str | None = None):
+  """Stacked expert FFNs: expert e transforms its rows x[e] with its own weights."""
+  h_EGCF = jnp.einsum("EGCM,EMF->EGCF", x_EGCM, wi_EMF)
+  gate_EGCF = None if wg_EMF is None else jnp.einsum("EGCM,EMF->EGCF", x_EGCM, wg_EMF)
+  h_EGCF = _activation(activation, h_EGCF, gate_EGCF)
+  if dropout_key is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h_EGCF.shape)
+    h_EGCF = jnp.where(keep, h_EGCF / (1.0 - dropout_rate), 0.0).astype(h_EGCF.dtype)
+  y_EGCM = jnp.einsum("EGCF,EFM->EGCM", h_EGCF, wo_EFM)
+  if model_axis is not None:
+    # F is split over the model axis: each device holds a partial sum of the output.
+    y_EGCM = jax.lax.psum(y_EGCM, model_axis)
+  return y_EGCM
+
+
+# ----------------------------------------------------------------------------- per-device body
+
+
+def _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, dropout_key, router_ME, wi_EMF, wo_EFM,
+                wg_EMF, *, config: MoeConfig, train: bool, expert_axis: str | None = None,
+                model_axis: str | None = None, mesh_axes: tuple[str, ...] = ()):
+  """The MoE layer on one device's tokens. Returns y_TM and per-group RoutingStats."""
+  T, M = x_TM.shape
+  S = config.group_size
+  G = T // S
+  x_GSM = x_TM.reshape(G, S, M)
+  with jax.named_scope("route"):
+    router_in_GSM = x_GSM.astype(jnp.float32)
+    if jitter_TM is not None:
+      router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M)
+    logits_GSE = jnp.einsum("GSM,ME->GSE", router_in_GSM, router_ME.astype(jnp.float32))
+    decision = route(logits_GSE, config.router, train=train,
+                     padding_mask_GS=None if mask_T is None else mask_T.reshape(G, S),
+                     uniform_GS=None if uniform_T is None else uniform_T.reshape(G, S))
+  with jax.named_scope("dispatch"):
+    dispatcher = make_dispatcher(config.dispatch, decision)
+    x_EGCM = dispatcher.dispatch(x_GSM)
+    if expert_axis is not None:
+      # (E, G, C, M) -> (E/X, X*G, C, M): expert block j goes to device j along the expert axis,
+      # and each device receives every peer's groups for its own experts.
+      x_EGCM = jax.lax.all_to_all(x_EGCM, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+  with jax.named_scope("experts"):
+    if dropout_key is not None:
+      for axis in mesh_axes:  # a different mask on every device
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis))
+    y_EGCM = expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, activation=config.activation,
+                        dropout_rate=config.expert_dropout, dropout_key=dropout_key,
+                        model_axis=model_axis)
+  with jax.named_scope("combine"):
+    if expert_axis is not None:
+      # (E/X, X*G, C, M) -> (E, G, C, M): results return to the devices that own the tokens.
+      y_EGCM = jax.lax.all_to_all(y_EGCM, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+    y_GSM = dispatcher.combine(y_EGCM)
+  return y_GSM.reshape(T, M).astype(x_TM.dtype), decision.stats
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class MoeLayer(nnx.Module):
+  """A Mixture-of-Experts FFN: x (B, L, M) -> (y (B, L, M), MoeAux).
+
+  With no mesh set, everything runs on one device. Under `jax.set_mesh(mesh)` with a mesh of axes
+  (data, expert, model), the layer runs in `jax.shard_map`: tokens split over (data, expert),
+  experts over expert, F over model, and two all-to-alls move the dispatched tokens.
+  """
+
+  def __init__(self, model_dim: int, config: MoeConfig, *, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.config = config
+    self.model_dim = M = model_dim
+    E, F = config.router.num_experts, config.ffn_dim
+    # The router starts small so that early routing is near uniform (Switch Sec. 2.4).
+    router_init = jax.nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+    self.router = sharding.param(router_init(rngs.params(), (M, E), param_dtype),
+                                 ("embed", None))
+    batched = dict(in_axis=1, out_axis=2, batch_axis=0)
+    expert_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                       **batched)
+    self.wi = sharding.param(expert_init(rngs.params(), (E, M, F), param_dtype),
+                             ("expert", "embed", "mlp"))
+    self.wo = sharding.param(expert_init(rngs.params(), (E, F, M), param_dtype),
+                             ("expert", "mlp", "embed"))
+    self.wg = None
+    if config.activation is Activation.SWIGLU:
+      self.wg = sharding.param(expert_init(rngs.params(), (E, M, F), param_dtype),
+                               ("expert", "embed", "mlp"))
+    needs_rng = (config.router.jitter_eps > 0 or config.expert_dropout > 0 or
+                 config.router.second_expert_policy is SecondExpertPolicy.RANDOM)
+    self.rngs = rngs.fork() if needs_rng else None
+
+  def __call__(self, x_BLM: jax.Array, *, padding_mask_BL: jax.Array | None = None,
+               train: bool = False) -> tuple[jax.Array, MoeAux]:
+    B, L, M = x_BLM.shape
+    cfg = self.config
+    dtype = parse_dtype("moe.dtype", cfg.dtype)
+    x_TM = x_BLM.reshape(B * L, M).astype(dtype)
+    mask_T = None if padding_mask_BL is None else padding_mask_BL.reshape(B * L).astype(bool)
+    jitter_TM, uniform_T, dropout_key = self._random_inputs(B * L, train)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    X = sharding.mesh_axis_size(mesh, sharding.EXPERT)
+    token_shards = X * sharding.mesh_axis_size(mesh, sharding.DATA)
+    _check_shapes(cfg, B * L, token_shards, X)
+    weights = (self.router[...], self.wi[...].astype(dtype), self.wo[...].astype(dtype),
+               None if self.wg is None else self.wg[...].astype(dtype))
+    if mesh.empty:
+      y_TM, stats = _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, dropout_key, *weights,
+                                config=cfg, train=train)
+    else:
+      y_TM, stats = _sharded(cfg, train, mesh)(x_TM, mask_T, jitter_TM, uniform_T, dropout_key,
+                                               *weights)
+    losses, metrics = stats.summarize()
+    aux_loss = (cfg.router.load_balancing_loss_weight * losses["load_balancing_loss"] +
+                cfg.router.z_loss_weight * losses["router_z_loss"])
+    return y_TM.reshape(B, L, M), MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
+
+  def _random_inputs(self, num_tokens: int, train: bool):
+    """Random numbers for one call, drawn in the global view (identical under any sharding)."""
+    router = self.config.router
+    if not train or self.rngs is None:
+      return None, None, None
+    jitter = uniform = key = None
+    if router.jitter_eps > 0:
+      eps = router.jitter_eps
+      jitter = jax.random.uniform(self.rngs.jitter(), (num_tokens, self.model_dim), jnp.float32,
+                                  1.0 - eps, 1.0 + eps)
+    if (router.kind is RouterKind.GSHARD and
+        router.second_expert_policy is SecondExpertPolicy.RANDOM):
+      uniform = jax.random.uniform(self.rngs.router(), (num_tokens,), jnp.float32)
+    if self.config.expert_dropout > 0:
+      key = self.rngs.dropout()
+    return jitter, uniform, key
+
+
+def _check_shapes(cfg: MoeConfig, num_tokens: int, token_shards: int, expert_shards: int):
+  E = cfg.router.num_experts
+  if E % expert_shards:
+    raise ValueError(
+        f"router.num_experts={E} must be divisible by the mesh's expert axis size "
+        f"({expert_shards}).")
+  if num_tokens % token_shards:
+    raise ValueError(
+        f"the {num_tokens} tokens of the batch (B*L) do not split evenly over the "
+        f"{token_shards} token shards (data x expert) of the mesh.")
+  local = num_tokens // token_shards
+  if local % cfg.group_size:
+    raise ValueError(
+        f"moe.group_size={cfg.group_size} must divide the tokens per device ({local} = B*L / "
+        f"{token_shards} shards); choose a divisor of {local}.")
+
+
+def _sharded(cfg: MoeConfig, train: bool, mesh):
+  """The per-device body wrapped in shard_map over the context mesh."""
+  names = set(mesh.axis_names)
+  token_axes = tuple(a for a in sharding.TOKEN_AXES if a in names)
+  expert_axis = sharding.EXPERT if sharding.EXPERT in names else None
+  model_axis = sharding.MODEL if sharding.MODEL in names else None
+  tokens = P(token_axes)
+  expert_w = P(expert_axis, None, model_axis)
+  expert_wo = P(expert_axis, model_axis, None)
+  stats_spec = RoutingStats(
+      num_tokens_G=tokens, load_balancing_G=tokens, z_loss_sum_G=tokens, entropy_sum_G=tokens,
+      confidence_sum_G=tokens, assigned_GE=tokens, kept_GE=tokens, tokens_dropped_G=tokens,
+      capacity=cfg.router.capacity(cfg.group_size, train=train))
+  body = functools.partial(_moe_tokens, config=cfg, train=train, expert_axis=expert_axis,
+                           model_axis=model_axis, mesh_axes=tuple(mesh.axis_names))
+
+  def run(x, mask, jitter, uniform, key, router_w, wi, wo, wg):
+    in_specs = (tokens, tokens if mask is not None else None,
+                tokens if jitter is not None else None, tokens if uniform is not None else None,
+                P() if key is not None else None, P(), expert_w, expert_wo,
+                expert_w if wg is not None else None)
+    args = (x, mask, jitter, uniform, key, router_w, wi, wo, wg)
+    # A no-op when the inputs already have these layouts (the model's sharding rules give them).
+    args = tuple(a if a is None else jax.reshard(a, s) for a, s in zip(args, in_specs))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, stats_spec))
+    return fn(*args)
+
+  return run
