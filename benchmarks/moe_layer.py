@@ -1,0 +1,167 @@
+"""Benchmark: forward+backward time of the MoE layer per dispatch form, relative to a dense FFN.
+
+Usage:
+  .venv/bin/python benchmarks/moe_layer.py                   # the reference shape (below)
+  .venv/bin/python benchmarks/moe_layer.py --tokens 2048     # smaller, faster
+  make bench
+
+Reference shape: T=8192 tokens, M=512, F=2048, E=8, top-1 (Switch), capacity factor 1.25,
+S=1024, float32. The dense FFN has the same active FLOPs per token (one expert of width F), so the
+ratio's floor is the capacity factor: the experts process E*C = 1.25*S slots per group.
+
+Timings are taken side by side in one run (interleaved repetitions, median), so the printed ratios
+are meaningful on a noisy shared machine even where absolute times are not. The script also
+compiles the layer on a simulated 8-device mesh (data=1, expert=8) and reads the all-to-all bytes
+per step from the compiled HLO (forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moejax import sharding  # noqa: E402
+from moejax.moe import MoeConfig, MoeLayer  # noqa: E402
+from moejax.routing import RouterConfig  # noqa: E402
+
+
+def _parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tokens", type=int, default=8192)
+  p.add_argument("--model-dim", type=int, default=512)
+  p.add_argument("--ffn-dim", type=int, default=2048)
+  p.add_argument("--experts", type=int, default=8)
+  p.add_argument("--k", type=int, default=1)
+  p.add_argument("--capacity-factor", type=float, default=1.25)
+  p.add_argument("--group-size", type=int, default=1024)
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--dtype", default="float32")
+  return p.parse_args(argv)
+
+
+def _moe_config(args, dispatch):
+  router = RouterConfig(kind="topk" if args.k > 1 else "switch", num_experts=args.experts,
+                        k=args.k, capacity_factor_train=args.capacity_factor, min_capacity=1)
+  return MoeConfig(router=router, ffn_dim=args.ffn_dim, group_size=args.group_size,
+                   dispatch=dispatch, dtype=args.dtype)
+
+
+def _moe_step(args, dispatch):
+  """A jitted fwd+bwd of the MoE layer: grads w.r.t. all parameters and the input."""
+  layer = MoeLayer(args.model_dim, _moe_config(args, dispatch), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(layer)
+
+  @jax.jit
+  def step(params, x, dy):
+    def loss(params, x):
+      y, aux = nnx.merge(graphdef, params)(x, train=True)
+      return jnp.sum(y * dy) + aux.aux_loss
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  return step, params
+
+
+def _dense_step(args):
+  """A dense FFN with the same active FLOPs per token: relu(x W_in) W_out."""
+  k1, k2 = jax.random.split(jax.random.key(1))
+  F = args.ffn_dim * args.k
+  params = (jax.random.normal(k1, (args.model_dim, F)) * args.model_dim ** -0.5,
+            jax.random.normal(k2, (F, args.model_dim)) * F ** -0.5)
+
+  @jax.jit
+  def step(params, x, dy):
+    def loss(params, x):
+      wi_MF, wo_FM = params
+      y = jnp.einsum("BLF,FM->BLM", jax.nn.relu(jnp.einsum("BLM,MF->BLF", x, wi_MF)), wo_FM)
+      return jnp.sum(y * dy)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  return step, params
+
+
+def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per call; repetitions interleaved so drift hits every candidate alike."""
+  for fn in fns.values():  # compile and warm up
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def all_to_all_bytes(args, dispatch, mesh_shape=(1, 8, 1)) -> tuple[int, list[int]]:
+  """All-to-all ops in the compiled fwd+bwd on a simulated mesh, and bytes each moves per device."""
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  step, params = _moe_step(args, dispatch)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, sharding.shardings(params, mesh))
+    tokens = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.TOKEN_AXES))
+    x = jax.ShapeDtypeStruct((args.tokens // args.group_size, args.group_size, args.model_dim),
+                             jnp.dtype(args.dtype), sharding=tokens)
+    hlo = step.lower(params, x, x).compile().as_text()
+  sizes = []
+  for line in hlo.splitlines():
+    if " all-to-all(" not in line:
+      continue
+    result_type = line.split("=", 1)[1].split("all-to-all(", 1)[0]
+    elements = 0
+    for dtype, dims in re.findall(r"(f32|bf16|f16|s32)\[([\d,]*)\]", result_type):
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      elements += n * (4 if dtype in ("f32", "s32") else 2)
+    sizes.append(elements)
+  return len(sizes), sizes
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  B = args.tokens // args.group_size
+  key_x, key_dy = jax.random.split(jax.random.key(0))
+  device = jax.devices()[0]
+  x = jax.device_put(jax.random.normal(key_x, (B, args.group_size, args.model_dim)), device)
+  dy = jax.device_put(jax.random.normal(key_dy, x.shape), device)
+  x, dy = x.astype(args.dtype), dy.astype(args.dtype)
+
+  dense, dense_params = _dense_step(args)
+  index, index_params = _moe_step(args, "index")
+  einsum, einsum_params = _moe_step(args, "einsum")
+  t = time_side_by_side({
+      "dense": lambda: dense(dense_params, x, dy),
+      "index": lambda: index(index_params, x, dy),
+      "einsum": lambda: einsum(einsum_params, x, dy),
+  }, args.repeats)
+
+  capacity = _moe_config(args, "index").router.capacity(args.group_size, train=True)
+  print(f"jax {jax.__version__} on {device.device_kind} ({os.cpu_count()} cores); "
+        f"T={args.tokens} M={args.model_dim} F={args.ffn_dim} E={args.experts} k={args.k} "
+        f"capacity_factor={args.capacity_factor} S={args.group_size} C={capacity} {args.dtype}, "
+        f"forward+backward, median of {args.repeats}")
+  print(f"{'layer':<16}{'seconds':>10}{'x dense':>10}")
+  for name in ("dense", "index", "einsum"):
+    print(f"{name:<16}{t[name]:>10.4f}{t[name] / t['dense']:>10.2f}")
+  padding = args.experts * capacity / args.group_size / args.k
+  print(f"capacity padding floor: {padding:.2f}x")
+
+  count, sizes = all_to_all_bytes(args, "index")
+  G_local = B // 8
+  expected = args.experts * G_local * capacity * args.model_dim * jnp.dtype(args.dtype).itemsize
+  print(f"mesh (data=1, expert=8): {count} all-to-alls in fwd+bwd, bytes per device each: "
+        f"{sorted(set(sizes))} (E*G*C*M*itemsize = {expected}); total {sum(sizes)} bytes/step")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
