@@ -1,0 +1,419 @@
+"""A decoder-only transformer language model whose FFN is an MoE layer every `moe_every` blocks.
+
+Dimension letters (DESIGN.md): B batch, L sequence (query positions), M model width, F FFN width,
+H heads, D head width, V vocabulary. Attention also needs the key positions, written T (the same
+length as L; T is not a token count here).
+
+    inputs (B, L) int -> embedding (B, L, M)
+      -> num_layers x block:  x + attention(rms_norm(x))   causal, RoPE on q and k
+                              x + ffn(rms_norm(x))         dense FFN or MoeLayer
+      -> rms_norm -> logits (B, L, V) float32               tied to the embedding or separate
+
+Block i holds an `MoeLayer` when `moe_every >= 1` and `(i + 1) % moe_every == 0` (blocks
+n-1, 2n-1, ...; Switch Transformer used every other block, n = 2).
+
+Precision: parameters are stored in `param_dtype` and cast to the compute `dtype`; RMSNorm
+statistics, attention scores and softmax, and the output logits are float32 whatever `dtype` is,
+and the router always runs in float32 inside `MoeLayer`.
+
+Sharding: every parameter names its logical axes (`sharding.param`); under `jax.set_mesh(mesh)` the
+dense parts are plain jnp code partitioned by the compiler (batch over ("data", "expert"), heads
+and F over "model"), and each MoeLayer runs its own `shard_map`.
+
+Causality caveat: token-choice routing with a capacity limit lets tokens compete for expert slots
+within a routing group. With top-1 routing in position order and groups no longer than a sequence
+(`group_size` dividing L) the model is exactly causal. Groups spanning several sequences,
+batch-prioritized routing, or k >= 2 (every first choice claims a slot before any second choice)
+let a later token change whether an earlier token is dropped when capacity overflows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+
+from moejax import sharding
+from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
+from moejax.routing import RouterConfig, parse_enum
+
+RMS_NORM_EPS = 1e-6
+# Attention score (float32) at masked positions: exp of it underflows to exactly 0.
+_MASKED_SCORE = -1e30
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Typed settings of the transformer. See the module docstring for the architecture.
+
+  Attributes:
+    vocab_size: V.
+    num_layers: number of transformer blocks.
+    model_dim: M, the residual-stream width.
+    num_heads / head_dim: H and D of multi-head attention (D even, for RoPE).
+    ffn_dim: F of the dense FFN blocks (MoE blocks use `moe.ffn_dim`).
+    activation: "relu", "gelu" or "swiglu" for the dense FFN (MoE blocks use `moe.activation`).
+    moe_every: 0 for a dense model; n >= 1 puts an MoeLayer in blocks n-1, 2n-1, ...
+    moe: the MoE layer settings; required when moe_every > 0.
+    dtype: compute dtype, "float32" or "bfloat16".
+    param_dtype: storage dtype of the parameters.
+    dropout_rate: residual dropout (after attention and after the FFN), in training only.
+    rope_base: base of the rotary position embedding frequencies.
+    tie_embeddings: reuse the embedding (V, M) as the output projection.
+  """
+
+  vocab_size: int
+  num_layers: int = 4
+  model_dim: int = 256
+  num_heads: int = 4
+  head_dim: int = 64
+  ffn_dim: int = 1024
+  activation: str = "relu"
+  moe_every: int = 0
+  moe: MoeConfig | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  dropout_rate: float = 0.0
+  rope_base: float = 10000.0
+  tie_embeddings: bool = True
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "ffn_dim"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"model.{name}={value!r} must be an integer >= 1.")
+    if self.head_dim % 2:
+      raise ValueError(
+          f"model.head_dim={self.head_dim!r} must be even: RoPE rotates pairs of dimensions.")
+    parse_enum(Activation, "model.activation", self.activation)
+    if not _is_int(self.moe_every) or not 0 <= self.moe_every <= self.num_layers:
+      raise ValueError(
+          f"model.moe_every={self.moe_every!r} must be an integer in [0, num_layers="
+          f"{self.num_layers}] (0: dense model; n: an MoE FFN in every n-th block).")
+    if self.moe is not None and not isinstance(self.moe, MoeConfig):
+      raise ValueError(f"model.moe={self.moe!r} must be a MoeConfig or None.")
+    if self.moe_every > 0 and self.moe is None:
+      raise ValueError(
+          f"model.moe=None is not allowed with model.moe_every={self.moe_every}: the MoE blocks "
+          "need MoE settings (or set moe_every=0 for a dense model).")
+    parse_dtype("model.dtype", self.dtype)
+    parse_dtype("model.param_dtype", self.param_dtype)
+    if not isinstance(self.dropout_rate, (int, float)) or not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"model.dropout_rate={self.dropout_rate!r} must be in [0, 1).")
+    if not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1.0:
+      raise ValueError(f"model.rope_base={self.rope_base!r} must be a number > 1.")
+    if not isinstance(self.tie_embeddings, bool):
+      raise ValueError(f"model.tie_embeddings={self.tie_embeddings!r} must be True or False.")
+
+  def is_moe_block(self, index: int) -> bool:
+    """Whether block `index` (0-based) holds an MoeLayer instead of a dense FFN."""
+    return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def model_config_from(cfg: ml_collections.ConfigDict | Mapping, *,
+                      vocab_size: int | None = None) -> ModelConfig:
+  """Turns the experiment's `config.model` into a validated ModelConfig.
+
+  `cfg.moe` (optional) holds MoeConfig fields and `cfg.moe.router` RouterConfig fields. When
+  `cfg.moe` sets no `dtype`, the MoE experts compute in the model's `dtype`. `vocab_size`, when
+  given, overrides `cfg.vocab_size` (the data pipeline knows it). Unknown fields raise ValueError.
+  """
+  fields = _as_dict(cfg, "model")
+  moe_fields = _as_dict(fields.pop("moe", None), "model.moe")
+  _check_known(fields, ModelConfig, "model", exclude=("moe",))
+  if vocab_size is not None:
+    fields["vocab_size"] = vocab_size
+  if fields.get("vocab_size") is None:
+    raise ValueError("model.vocab_size is missing: set it in the config or pass vocab_size=.")
+  moe = None
+  if moe_fields is not None:
+    router_fields = _as_dict(moe_fields.pop("router", None), "model.moe.router") or {}
+    _check_known(moe_fields, MoeConfig, "model.moe", exclude=("router",))
+    _check_known(router_fields, RouterConfig, "model.moe.router")
+    moe_fields.setdefault("dtype", fields.get("dtype", "float32"))
+    moe = MoeConfig(router=RouterConfig(**router_fields), **moe_fields)
+  return ModelConfig(moe=moe, **fields)
+
+
+def _as_dict(value, field: str) -> dict | None:
+  if value is None:
+    return None
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return dict(value.to_dict())
+  if isinstance(value, Mapping):
+    return dict(value)
+  raise ValueError(f"{field}={value!r} must be a ConfigDict or a mapping of fields.")
+
+
+def _check_known(fields: Mapping, cls, prefix: str, exclude: tuple[str, ...] = ()):
+  allowed = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(fields) - set(allowed))
+  if unknown:
+    listed = ", ".join(f"{prefix}.{name}" for name in unknown)
+    raise ValueError(f"unknown field(s) {listed}; allowed fields of {prefix}: "
+                     f"{sorted(set(allowed) - set(exclude)) + list(exclude)}.")
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def rms_norm(x_BLM: jax.Array, scale_M: jax.Array, eps: float = RMS_NORM_EPS) -> jax.Array:
+  """x / sqrt(mean(x^2) + eps) * scale, computed in float32 and returned in x's dtype."""
+  x32_BLM = x_BLM.astype(jnp.float32)
+  inv_rms_BL1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BLM), axis=-1, keepdims=True) + eps)
+  return (x32_BLM * inv_rms_BL1 * scale_M.astype(jnp.float32)).astype(x_BLM.dtype)
+
+
+def apply_rope(x_BLHD: jax.Array, positions_L: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding: rotates the pair (x[i], x[i + D/2]) by angle pos * base^(-2i/D).
+
+  q.k of two rotated vectors then depends on their positions only through the difference.
+  """
+  D = x_BLHD.shape[-1]
+  half = D // 2
+  inv_freq_R = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # R = D/2 rotation pairs
+  angle_LR = positions_L.astype(jnp.float32)[:, None] * inv_freq_R[None, :]
+  cos_1L1R = jnp.cos(angle_LR)[None, :, None, :]
+  sin_1L1R = jnp.sin(angle_LR)[None, :, None, :]
+  x32_BLHD = x_BLHD.astype(jnp.float32)
+  x1_BLHR, x2_BLHR = x32_BLHD[..., :half], x32_BLHD[..., half:]
+  rotated_BLHD = jnp.concatenate(
+      [x1_BLHR * cos_1L1R - x2_BLHR * sin_1L1R, x2_BLHR * cos_1L1R + x1_BLHR * sin_1L1R], axis=-1)
+  return rotated_BLHD.astype(x_BLHD.dtype)
+
+
+def attention_mask(length: int, mask_BL: jax.Array | None) -> jax.Array:
+  """Bool (B or 1, L, T): query l may attend key t iff t <= l and (key t is real or t == l).
+
+  Real queries see only real keys; a padding query sees at least itself, so no row is empty.
+  """
+  causal_LT = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  if mask_BL is None:
+    return causal_LT[None]
+  self_LT = jnp.eye(length, dtype=jnp.bool_)
+  return causal_LT[None] & (mask_BL.astype(jnp.bool_)[:, None, :] | self_LT[None])
+
+
+def _batch_sharded_like(x: jax.Array, ndim: int):
+  """`out_sharding` for a result that keeps x's batch (leading axis) sharding, else None.
+
+  Needed only on meshes with Explicit axes, for einsums that contract an axis split over "model"
+  (heads, F): there the output sharding is ambiguous and must be stated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  return P(jax.typeof(x).sharding.spec[0], *([None] * (ndim - 1)))
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, *, param_dtype):
+    self.scale = sharding.param(jnp.ones((dim,), param_dtype), ("embed",))
+
+  def __call__(self, x_BLM: jax.Array) -> jax.Array:
+    return rms_norm(x_BLM, self.scale[...])
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with RoPE; scores and softmax in float32."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    M, H, D = config.model_dim, config.num_heads, config.head_dim
+    pdt = parse_dtype("model.param_dtype", config.param_dtype)
+    self.dtype = parse_dtype("model.dtype", config.dtype)
+    self.rope_base = config.rope_base
+    init_in = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                                   out_axis=(1, 2))
+    init_out = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=(0, 1), out_axis=2)
+    qkv_axes = ("embed", "heads", "kv")
+    self.wq = sharding.param(init_in(rngs.params(), (M, H, D), pdt), qkv_axes)
+    self.wk = sharding.param(init_in(rngs.params(), (M, H, D), pdt), qkv_axes)
+    self.wv = sharding.param(init_in(rngs.params(), (M, H, D), pdt), qkv_axes)
+    self.wo = sharding.param(init_out(rngs.params(), (H, D, M), pdt), ("heads", "kv", "embed"))
+
+  def __call__(self, x_BLM: jax.Array, allowed_BLT: jax.Array) -> jax.Array:
+    B, L, M = x_BLM.shape
+    dt = self.dtype
+    q_BLHD = jnp.einsum("BLM,MHD->BLHD", x_BLM, self.wq[...].astype(dt))
+    k_BTHD = jnp.einsum("BLM,MHD->BLHD", x_BLM, self.wk[...].astype(dt))
+    v_BTHD = jnp.einsum("BLM,MHD->BLHD", x_BLM, self.wv[...].astype(dt))
+    positions_L = jnp.arange(L, dtype=jnp.int32)
+    q_BLHD = apply_rope(q_BLHD, positions_L, self.rope_base)
+    k_BTHD = apply_rope(k_BTHD, positions_L, self.rope_base)
+    scores_BHLT = jnp.einsum("BLHD,BTHD->BHLT", q_BLHD, k_BTHD,
+                             preferred_element_type=jnp.float32)
+    scores_BHLT = scores_BHLT * (q_BLHD.shape[-1] ** -0.5)
+    scores_BHLT = jnp.where(allowed_BLT[:, None, :, :], scores_BHLT, _MASKED_SCORE)
+    probs_BHLT = jax.nn.softmax(scores_BHLT, axis=-1).astype(dt)
+    out_BLHD = jnp.einsum("BHLT,BTHD->BLHD", probs_BHLT, v_BTHD)
+    return jnp.einsum("BLHD,HDM->BLM", out_BLHD, self.wo[...].astype(dt),
+                      out_sharding=_batch_sharded_like(x_BLM, 3))
+
+
+class DenseFfn(nnx.Module):
+  """x -> act(x W_in) W_out, or (silu(x W_gate) * x W_in) W_out for swiglu."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    M, F = config.model_dim, config.ffn_dim
+    pdt = parse_dtype("model.param_dtype", config.param_dtype)
+    self.dtype = parse_dtype("model.dtype", config.dtype)
+    self.activation = parse_enum(Activation, "model.activation", config.activation)
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.wi = sharding.param(init(rngs.params(), (M, F), pdt), ("embed", "mlp"))
+    self.wo = sharding.param(init(rngs.params(), (F, M), pdt), ("mlp", "embed"))
+    # The attribute is data (a Param) or None; NNX needs to know which before the first assignment.
+    self.wg = nnx.data(None)
+    if self.activation is Activation.SWIGLU:
+      self.wg = sharding.param(init(rngs.params(), (M, F), pdt), ("embed", "mlp"))
+
+  def __call__(self, x_BLM: jax.Array) -> jax.Array:
+    dt = self.dtype
+    h_BLF = jnp.einsum("BLM,MF->BLF", x_BLM, self.wi[...].astype(dt))
+    if self.activation is Activation.RELU:
+      h_BLF = jax.nn.relu(h_BLF)
+    elif self.activation is Activation.GELU:
+      h_BLF = jax.nn.gelu(h_BLF)
+    else:
+      gate_BLF = jnp.einsum("BLM,MF->BLF", x_BLM, self.wg[...].astype(dt))
+      h_BLF = jax.nn.silu(gate_BLF) * h_BLF
+    return jnp.einsum("BLF,FM->BLM", h_BLF, self.wo[...].astype(dt),
+                      out_sharding=_batch_sharded_like(x_BLM, 3))
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attention(norm(x)), then x + ffn(norm(x)) with a dense or MoE FFN."""
+
+  def __init__(self, config: ModelConfig, index: int, *, rngs: nnx.Rngs):
+    pdt = parse_dtype("model.param_dtype", config.param_dtype)
+    self.attention_norm = RMSNorm(config.model_dim, param_dtype=pdt)
+    self.attention = Attention(config, rngs=rngs)
+    self.ffn_norm = RMSNorm(config.model_dim, param_dtype=pdt)
+    self.is_moe = config.is_moe_block(index)
+    if self.is_moe:
+      self.ffn = MoeLayer(config.model_dim, config.moe, rngs=rngs, param_dtype=pdt)
+    else:
+      self.ffn = DenseFfn(config, rngs=rngs)
+    rate = config.dropout_rate
+    self.dropout = nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+  def __call__(self, x_BLM: jax.Array, allowed_BLT: jax.Array, mask_BL: jax.Array | None,
+               train: bool) -> tuple[jax.Array, MoeAux | None]:
+    with jax.named_scope("attention"):
+      y_BLM = self.attention(self.attention_norm(x_BLM), allowed_BLT)
+      x_BLM = x_BLM + self.dropout(y_BLM, deterministic=not train)
+    aux = None
+    h_BLM = self.ffn_norm(x_BLM)
+    if self.is_moe:
+      with jax.named_scope("moe"):
+        y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=mask_BL, train=train)
+    else:
+      with jax.named_scope("ffn"):
+        y_BLM = self.ffn(h_BLM)
+    x_BLM = x_BLM + self.dropout(y_BLM.astype(x_BLM.dtype), deterministic=not train)
+    return x_BLM, aux
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelAux:
+  """What the model returns beside its logits."""
+
+  aux_loss: jax.Array  # sum over MoE layers of MoeAux.aux_loss (0.0 for a dense model)
+  moe: dict[str, MoeAux]  # per MoE layer, key f"layer_{i}" (empty for a dense model)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM: (B, L) token ids -> (logits (B, L, V) float32, ModelAux)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    V, M = config.vocab_size, config.model_dim
+    pdt = parse_dtype("model.param_dtype", config.param_dtype)
+    self.dtype = parse_dtype("model.dtype", config.dtype)
+    embed_init = jax.nn.initializers.normal(stddev=1.0)
+    self.embed = sharding.param(embed_init(rngs.params(), (V, M), pdt), ("vocab", "embed"))
+    self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(M, param_dtype=pdt)
+    self.unembed = nnx.data(None)
+    if not config.tie_embeddings:
+      init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+      self.unembed = sharding.param(init(rngs.params(), (M, V), pdt), ("embed", "vocab"))
+
+  def __call__(self, inputs_BL: jax.Array, *, mask_BL: jax.Array | None = None,
+               train: bool = False) -> tuple[jax.Array, ModelAux]:
+    """Logits (B, L, V) float32 and ModelAux.
+
+    Args:
+      inputs_BL: int token ids.
+      mask_BL: True for real tokens, False for padding (None: all real). Padding is excluded from
+        the MoE layers' routing (no capacity, no loss or metric) and from the attention keys.
+      train: enables dropout, router jitter and the training capacity factor.
+    """
+    B, L = inputs_BL.shape
+    x_BLM = self.embed[...].at[inputs_BL].get(
+        out_sharding=_batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
+    allowed_BLT = attention_mask(L, mask_BL)
+    aux_by_layer = {}
+    for i, block in enumerate(self.blocks):
+      x_BLM, aux = block(x_BLM, allowed_BLT, mask_BL, train)
+      if aux is not None:
+        aux_by_layer[f"layer_{i}"] = aux
+    x_BLM = self.final_norm(x_BLM)
+    if self.unembed is None:
+      # The embedding rows have unit scale; M^-1/2 keeps the initial logits at unit scale too.
+      logits_BLV = jnp.einsum("BLM,VM->BLV", x_BLM, self.embed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+      logits_BLV = logits_BLV * (self.config.model_dim ** -0.5)
+    else:
+      logits_BLV = jnp.einsum("BLM,MV->BLV", x_BLM, self.unembed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+    aux_loss = sum((a.aux_loss for a in aux_by_layer.values()), jnp.zeros((), jnp.float32))
+    return logits_BLV.astype(jnp.float32), ModelAux(aux_loss=aux_loss, moe=aux_by_layer)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def active_ffn_flops_per_token(config: ModelConfig) -> int:
+  """Forward FLOPs per token of all FFN / MoE blocks, counting only the experts a token uses.
+
+  A matmul of widths (M, F) costs 2*M*F FLOPs per token (multiply and add). A dense block has two
+  such matmuls (three with swiglu); an MoE block runs k experts of width moe.ffn_dim. The router
+  (2*M*E), activations and dispatch are left out, so that a dense FFN of width F, a top-1 MoE of
+  expert width F and a top-2 MoE of expert width F/2 count the same.
+  """
+  M = config.model_dim
+  total = 0
+  for i in range(config.num_layers):
+    if config.is_moe_block(i):
+      moe = config.moe
+      matmuls = 3 if moe.activation is Activation.SWIGLU else 2
+      total += moe.router.k * matmuls * 2 * M * moe.ffn_dim
+    else:
+      activation = parse_enum(Activation, "model.activation", config.activation)
+      matmuls = 3 if activation is Activation.SWIGLU else 2
+      total += matmuls * 2 * M * config.ffn_dim
+  return total
+
+
+def num_params(model: nnx.Module) -> int:
+  """Number of parameters (every expert counted)."""
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
