@@ -1,0 +1,18 @@
+"""gshard_small: GShard-style top-2 routing over 8 experts, at switch_small's active FLOPs.
+
+    python -m moejax.main --config=experiments/gshard_small.py --workdir=runs/gshard_small
+
+As `switch_small`, but each token goes to its two best experts with renormalised gates (Lepikhin
+et al. 2020), and each expert's F is halved (512) so that the active FFN FLOPs per token equal
+`dense_small`'s and `switch_small`'s. Capacity C = ceil(2 * 1.25 * S / E) per group.
+Hardware: one CPU. Run time and result: see docs/compare.md.
+"""
+
+from experiments import base
+
+
+def get_config(arg: str | None = None):
+  config = base.get_config()
+  config.model.moe_every = 2
+  config.model.moe = base.moe_settings(kind="gshard", ffn_dim=config.model.ffn_dim // 2)
+  return base.apply_variant(config, arg)

@@ -1,0 +1,29 @@
+"""moejax's entry point: flags -> config -> `train.train_and_evaluate`.
+
+    python -m moejax.main --config=experiments/switch_small.py --workdir=runs/switch_small
+    python -m moejax.main --config=experiments/switch_small.py:tiny --workdir=/tmp/tiny \
+        --config.train.num_steps=20 --config.mesh.expert=8
+
+`--config=FILE[:ARG]` loads `get_config(ARG)` from FILE; `--config.a.b=value` overrides one field.
+Rerunning on the same workdir resumes from its newest checkpoint; SIGTERM saves and exits 0.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from moejax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

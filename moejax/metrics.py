@@ -1,0 +1,191 @@
+"""Metric writers (TensorBoard event files, JSON lines) and the training progress line.
+
+A training step returns a tree of metrics: scalars, and per MoE layer vectors such as the expert
+load (E,). `flatten_metrics` turns the tree into flat scalar names,
+
+    {"moe": {"layer_1": {"expert_load": [0.5, 0.25, 0.25]}}}
+      -> {"moe/layer_1/expert_load/0": 0.5, "moe/layer_1/expert_load/1": 0.25, ...}
+
+which every writer records under the step:
+
+* `TensorBoardWriter`: real event files (`events.out.tfevents.*`) written with TensorBoard's own
+  `EventFileWriter`, no TensorFlow needed; read them with `tensorboard --logdir WORKDIR/tensorboard`.
+* `JsonlWriter`: `metrics.jsonl`, one JSON object per logged step: {"step": 120, "train/loss": ...}.
+
+Only process 0 writes (`create_writers`); the other processes get a writer that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricWriter(Protocol):
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    ...
+
+  def flush(self) -> None:
+    ...
+
+  def close(self) -> None:
+    ...
+
+
+def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """Nested mappings of scalars and vectors -> {"a/b": float, "a/v/0": float, ...}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_metrics(value, prefix=f"{name}/"))
+      continue
+    array = np.asarray(value)
+    if array.ndim == 0:
+      flat[name] = float(array)
+    elif array.ndim == 1:
+      flat.update({f"{name}/{i}": float(v) for i, v in enumerate(array)})
+    else:
+      raise ValueError(f"metric {name!r} has shape {array.shape}; only scalars and vectors log.")
+  return flat
+
+
+class TensorBoardWriter:
+  """Scalar summaries in a TensorBoard event file under `logdir`."""
+
+  def __init__(self, logdir: str | os.PathLike):
+    self._writer = EventFileWriter(os.fspath(logdir), flush_secs=10)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
+              for tag, v in scalars.items()]
+    event = event_pb2.Event(wall_time=time.time(), step=int(step),
+                            summary=summary_pb2.Summary(value=values))
+    self._writer.add_event(event)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class JsonlWriter:
+  """One JSON object per logged step, appended to `path`.
+
+  On resume from step k (`resume_step=k`), records of steps after k (logged by the interrupted run
+  after its last checkpoint) are dropped first, so each step appears once and the file reads as
+  one uninterrupted run.
+  """
+
+  def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+    self._path = epath.Path(path)
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and self._path.exists():
+      kept = [r for r in read_jsonl(self._path) if r["step"] <= resume_step]
+      self._path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    self._file = self._path.open("a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    record = {"step": int(step)}
+    record.update({k: _json_number(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _json_number(value: float):
+  value = float(value)
+  return value if math.isfinite(value) else str(value)  # "nan", "inf": JSON has no literal
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a `metrics.jsonl` file, in order."""
+  lines = epath.Path(path).read_text().splitlines()
+  return [json.loads(line) for line in lines if line.strip()]
+
+
+class MultiWriter:
+  """Writes to each of `writers` (none on processes other than 0)."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self._writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    for writer in self._writers:
+      writer.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    for writer in self._writers:
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self._writers:
+      writer.close()
+
+
+def create_writers(workdir: str | os.PathLike, *, process_index: int,
+                   resume_step: int | None = None) -> MultiWriter:
+  """TensorBoard events under WORKDIR/tensorboard and WORKDIR/metrics.jsonl, on process 0 only."""
+  if process_index != 0:
+    return MultiWriter([])
+  workdir = epath.Path(workdir)
+  return MultiWriter([TensorBoardWriter(workdir / "tensorboard"),
+                      JsonlWriter(workdir / "metrics.jsonl", resume_step=resume_step)])
+
+
+class ProgressBar:
+  """One status line on stderr, rewritten in place: `step 120/600 loss 4.812 tok/s 21.3k`.
+
+  When stderr is not a terminal (a log file), each update is a line of its own instead.
+  """
+
+  def __init__(self, num_steps: int, *, enabled: bool = True, stream=None):
+    self._num_steps = num_steps
+    self._enabled = enabled
+    self._stream = stream or sys.stderr
+    self._in_place = hasattr(self._stream, "isatty") and self._stream.isatty()
+    self._open_line = False
+
+  def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    if not self._enabled:
+      return
+    width = len(str(self._num_steps))
+    text = (f"step {step:>{width}}/{self._num_steps} loss {loss:.3f} "
+            f"tok/s {format_count(tokens_per_sec)}")
+    if self._in_place:
+      self._stream.write("\r" + text + "\x1b[K")
+      self._open_line = True
+    else:
+      self._stream.write(text + "\n")
+    self._stream.flush()
+
+  def close(self) -> None:
+    if self._open_line:
+      self._stream.write("\n")
+      self._stream.flush()
+      self._open_line = False
+
+
+def format_count(value: float) -> str:
+  """12345 -> '12.3k', 2.5e6 -> '2.50M'."""
+  if value >= 1e6:
+    return f"{value / 1e6:.2f}M"
+  if value >= 1e3:
+    return f"{value / 1e3:.1f}k"
+  return f"{value:.0f}"

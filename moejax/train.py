@@ -1,0 +1,413 @@
+"""Training and evaluation of a moejax language model: `train_and_evaluate(config, workdir)`.
+
+The loop is linear, in the order of its banner comments:
+
+    mesh    (data, expert, model) device mesh from `config.mesh`
+    input   dataset + tokenizer (built on first use), this process's training iterator
+    model   the abstract model -> graph definition and parameter shardings (from the rules)
+    shard   parameters and optimizer state created directly in their shardings
+    restore the newest checkpoint in WORKDIR/checkpoints, if there is one
+    update  `train_step` / `eval_step`, jitted with explicit shardings
+    loop    steps, metrics, evaluation, checkpoints, SIGTERM
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of arrays: the model is rebuilt
+inside it from its graph definition and the parameters (`nnx.merge`). Its random streams (dropout,
+router jitter, ...) are the model's initial streams with the step number folded in, so the random
+numbers of step s depend only on the seed and s, and a resumed run repeats them exactly.
+
+The loss is the mean token cross-entropy over the targets' mask plus the model's auxiliary loss
+(the weighted MoE load-balancing and router z-losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moejax import checkpoint as checkpoint_lib
+from moejax import data as data_lib
+from moejax import metrics as metrics_lib
+from moejax import sharding
+from moejax.config import ExperimentConfig, experiment_config_from
+from moejax.model import ModelAux, ModelConfig, Transformer
+from moejax.optim import make_optimizer
+
+Batch = dict[str, jax.Array]
+_STATIC = dict(static=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything a training step reads.
+
+  `step`, `params` and `opt_state` change every step and are checkpointed. `rngs` holds the
+  model's random streams as initialised from the seed; it never changes (see `step_rngs`).
+  `graphdef`, `tx` and `schedule` are static: the model's structure, the optimizer and the
+  learning-rate schedule.
+  """
+
+  step: jax.Array  # int32 scalar: the number of updates applied so far
+  params: Any  # nested dict of parameter arrays (nnx.Param values)
+  opt_state: optax.OptState
+  rngs: Any  # nested dict: the model's RNG keys and counters at initialisation
+  graphdef: nnx.GraphDef = dataclasses.field(metadata=_STATIC)
+  tx: optax.GradientTransformation = dataclasses.field(metadata=_STATIC)
+  schedule: optax.Schedule = dataclasses.field(metadata=_STATIC)
+
+  def checkpoint_items(self) -> dict[str, Any]:
+    """What a checkpoint holds."""
+    return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+
+  def replace(self, **changes) -> TrainState:
+    return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def step_rngs(rngs: Any, step: jax.Array) -> Any:
+  """The random streams of one step: each stream's initial key with `step` folded in."""
+
+  def for_step(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.fold_in(x, step)
+    return jnp.zeros_like(x)  # the stream's call counter starts again from 0
+
+  return jax.tree.map(for_step, rngs)
+
+
+def token_loss(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """(sum over real targets of -log p(target), number of real targets), float32 scalars."""
+  nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
+                                                           targets_BL)
+  weight_BL = mask_BL.astype(jnp.float32)
+  return jnp.sum(nll_BL * weight_BL), jnp.sum(weight_BL)
+
+
+def moe_metrics(aux: ModelAux) -> dict[str, dict[str, jax.Array]]:
+  """Per MoE layer: its weighted aux loss, raw losses and routing metrics."""
+  return {name: {"aux_loss": a.aux_loss, **a.losses, **a.metrics} for name, a in aux.moe.items()}
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer update on `batch` ({"inputs", "targets", "mask"}: (B, L))."""
+  rngs = step_rngs(state.rngs, state.step)
+
+  def loss_fn(params):
+    model = nnx.merge(state.graphdef, params, rngs)
+    logits_BLV, aux = model(batch["inputs"], mask_BL=batch["mask"], train=True)
+    loss_sum, tokens = token_loss(logits_BLV, batch["targets"], batch["mask"])
+    cross_entropy = loss_sum / jnp.maximum(tokens, 1.0)
+    return cross_entropy + aux.aux_loss, (cross_entropy, tokens, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (cross_entropy, tokens, aux)), grads = grad_fn(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "train": {
+          "loss": loss,
+          "cross_entropy": cross_entropy,
+          "aux_loss": aux.aux_loss,
+          "grad_norm": optax.global_norm(grads),
+          "learning_rate": state.schedule(state.step),
+          "target_tokens": tokens,
+      },
+      "moe": moe_metrics(aux),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
+  """Summed token loss, token count and routing metrics of one evaluation batch."""
+  model = nnx.merge(state.graphdef, state.params, state.rngs)
+  logits_BLV, aux = model(batch["inputs"], mask_BL=batch["mask"], train=False)
+  loss_sum, tokens = token_loss(logits_BLV, batch["targets"], batch["mask"])
+  return {"loss_sum": loss_sum, "tokens": tokens, "moe": moe_metrics(aux)}
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_train_state(model_config: ModelConfig, experiment: ExperimentConfig,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+  """A fresh state, every array created in its final sharding on `mesh` (call under set_mesh)."""
+  seed = experiment.train.seed
+
+  def create():
+    return Transformer(model_config, rngs=nnx.Rngs(seed))
+
+  abstract = nnx.eval_shape(create)
+  graphdef, abstract_params, abstract_rngs, rest = nnx.split(abstract, nnx.Param, nnx.RngState,
+                                                             ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"the model holds state that is neither a parameter nor a random stream "
+                     f"({list(rest.flat_state())[:3]}...); the trainer would not update it.")
+  param_shardings = sharding.shardings(abstract_params, mesh,
+                                       experiment.sharding_rules).to_pure_dict()
+  replicated = NamedSharding(mesh, P())
+  rng_shardings = jax.tree.map(lambda _: replicated, abstract_rngs.to_pure_dict())
+
+  @functools.partial(jax.jit, out_shardings=(param_shardings, rng_shardings))
+  def init():
+    _, params, rngs = nnx.split(create(), nnx.Param, nnx.RngState)
+    return params.to_pure_dict(), rngs.to_pure_dict()
+
+  params, rngs = init()
+  tx, schedule = make_optimizer(experiment.optimizer, experiment.train.num_steps)
+  opt_state = jax.jit(tx.init)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  return TrainState(step=step, params=params, opt_state=opt_state, rngs=rngs, graphdef=graphdef,
+                    tx=tx, schedule=schedule)
+
+
+def shardings_of(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def compile_steps(state: TrainState, mesh: jax.sharding.Mesh, batch_spec: P):
+  """`train_step` and `eval_step` jitted with the state's shardings and the batch sharding."""
+  state_shardings = shardings_of(state)
+  batch_sharding = NamedSharding(mesh, batch_spec)
+  replicated = NamedSharding(mesh, P())
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def device_batch(batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -> Batch:
+  """This process's rows of a batch -> global arrays sharded over the token axes."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[key]))
+          for key in ("inputs", "targets", "mask")}
+
+
+def evaluate(eval_fn, state: TrainState, batches, batch_sharding: NamedSharding
+             ) -> dict[str, Any]:
+  """Validation loss and perplexity (exp of the mean token loss) over `batches`.
+
+  Routing metrics are averaged over the batches, weighted by their real tokens.
+  """
+  loss_sum, tokens, moe_sums = 0.0, 0.0, None
+  for batch in batches:
+    out = jax.device_get(eval_fn(state, device_batch(batch, batch_sharding)))
+    weight = float(out["tokens"])
+    loss_sum += float(out["loss_sum"])
+    tokens += weight
+    weighted = jax.tree.map(lambda v, w=weight: np.asarray(v, np.float64) * w, out["moe"])
+    moe_sums = weighted if moe_sums is None else jax.tree.map(np.add, moe_sums, weighted)
+  if tokens == 0:
+    raise ValueError("the validation split gave no tokens to evaluate on; check data.eval_split "
+                     "and train.eval_batches.")
+  loss = loss_sum / tokens
+  moe = jax.tree.map(lambda v: v / tokens, moe_sums)
+  return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "moe": moe}
+
+
+class Throughput:
+  """Training tokens per second over intervals during which the host only fed training steps.
+
+  `resume()` when steps start being dispatched, `add(tokens)` per step, and `pause()` after
+  blocking on the last step's results (it returns the interval's rate, None if it had no steps).
+  """
+
+  def __init__(self):
+    self.tokens, self.seconds = 0, 0.0
+    self._pending, self._since = 0, None
+
+  def resume(self) -> None:
+    if self._since is None:
+      self._since = time.perf_counter()
+
+  def add(self, tokens: int) -> None:
+    self._pending += tokens
+
+  def pause(self) -> float | None:
+    if self._since is None:
+      return None
+    elapsed = time.perf_counter() - self._since
+    rate = self._pending / elapsed if self._pending and elapsed > 0 else None
+    self.tokens += self._pending
+    self.seconds += elapsed
+    self._pending, self._since = 0, None
+    return rate
+
+  @property
+  def mean(self) -> float:
+    return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float]:
+  """Trains and evaluates the experiment `config` (a ConfigDict) in `workdir`.
+
+  Resumes from the newest checkpoint in WORKDIR/checkpoints. Returns the final metrics, flat:
+  "step", "train/..." (last logged step), "eval/loss", "eval/perplexity", "eval/moe/...", and
+  "train/tokens_per_sec_mean". After a SIGTERM it saves, stops early and returns with
+  "preempted" = 1.0.
+  """
+  jax.config.update("jax_threefry_partitionable", True)
+  experiment = experiment_config_from(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  train_cfg = experiment.train
+
+  # ---- mesh
+  mesh = sharding.make_mesh(experiment.mesh)
+  batch_spec = sharding.logical_to_spec(("batch", None), experiment.sharding_rules)
+  batch_sharding = NamedSharding(mesh, batch_spec)
+
+  # ---- input
+  tokenizer = _prepare_data(experiment)
+  model_config = _with_vocab(experiment.model, tokenizer.vocab_size, config)
+  per_process = train_cfg.batch_size // jax.process_count()
+  data_args = dict(batch_size=per_process, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+  train_iter = data_lib.train_iterator(experiment.data, tokenizer, **data_args)
+  eval_source = functools.partial(data_lib.eval_batches, experiment.data, tokenizer,
+                                  max_batches=train_cfg.eval_batches or None, **data_args)
+
+  with jax.set_mesh(mesh):
+    # ---- model + shard
+    state = create_train_state(model_config, experiment, mesh)
+
+    # ---- restore
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints",
+                                               max_to_keep=train_cfg.max_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      restored = checkpointer.restore(
+          latest, checkpoint_lib.abstract_like(state.checkpoint_items()), train_iter)
+      state = state.replace(**restored)
+
+    # ---- update
+    train_fn, eval_fn = compile_steps(state, mesh, batch_spec)
+
+    # ---- loop
+    writer = metrics_lib.create_writers(workdir, process_index=jax.process_index(),
+                                        resume_step=latest)
+    try:
+      result = _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source,
+                     batch_sharding, checkpointer, writer)
+    finally:
+      writer.close()
+      checkpointer.close()
+  if jax.process_index() == 0:
+    _print_summary(result, workdir)
+  return result
+
+
+def _prepare_data(experiment: ExperimentConfig):
+  """Builds the dataset and tokenizer once (process 0 first when there are several)."""
+  if jax.process_count() == 1:
+    return data_lib.prepare(experiment.data)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    data_lib.prepare(experiment.data)
+  multihost_utils.sync_global_devices("moejax data prepared")
+  return data_lib.prepare(experiment.data)
+
+
+def _with_vocab(model: ModelConfig, vocab_size: int, config) -> ModelConfig:
+  """The model config with the tokenizer's vocabulary (or a larger, explicitly set one)."""
+  explicit = config.model.get("vocab_size") if hasattr(config.model, "get") else None
+  if explicit is None:
+    return dataclasses.replace(model, vocab_size=vocab_size)
+  if explicit < vocab_size:
+    raise ValueError(f"model.vocab_size={explicit} is smaller than the tokenizer's vocabulary "
+                     f"({vocab_size}); leave it unset to use the tokenizer's.")
+  return model
+
+
+def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_sharding,
+          checkpointer, writer) -> dict[str, float]:
+  """Runs steps state.step + 1 .. num_steps; see `train_and_evaluate`."""
+  cfg = experiment.train
+  tokens_per_step = cfg.batch_size * experiment.data.seq_len
+  first = int(jax.device_get(state.step)) + 1
+  bar = metrics_lib.ProgressBar(cfg.num_steps, enabled=cfg.progress and jax.process_index() == 0)
+  timer = Throughput()
+  result, preempted, step = {}, False, first - 1
+  with checkpoint_lib.PreemptionFlag() as flag:
+    for step in range(first, cfg.num_steps + 1):
+      state, metrics = train_fn(state, device_batch(next(train_iter), batch_sharding))
+      if step == first:  # compilation: keep it out of the throughput
+        jax.block_until_ready(metrics)
+        timer.resume()
+      else:
+        timer.add(tokens_per_step)
+      scalars = {}
+      if step % cfg.log_every == 0 or step == cfg.num_steps:
+        scalars.update(metrics_lib.flatten_metrics(jax.device_get(metrics)))
+        rate = timer.pause()
+        if rate is not None:
+          scalars["train/tokens_per_sec"] = rate
+        bar.update(step, scalars["train/loss"], rate or 0.0)
+        result.update(scalars)
+      preempted = flag.should_stop()
+      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
+        timer.pause()
+        scalars.update(metrics_lib.flatten_metrics(
+            {"eval": evaluate(eval_fn, state, eval_source(), batch_sharding)}))
+      if scalars:
+        writer.write_scalars(step, scalars)
+        result.update(scalars)
+      if preempted or step == cfg.num_steps or (cfg.checkpoint_every and
+                                                 step % cfg.checkpoint_every == 0):
+        timer.pause()
+        checkpointer.save(step, state.checkpoint_items(), train_iter)
+      timer.resume()
+      if preempted:
+        break
+  bar.close()
+  writer.flush()
+  result.update({"step": float(step), "preempted": float(preempted),
+                 "train/tokens_per_sec_mean": timer.mean})
+  return result
+
+
+def _print_summary(result: dict[str, float], workdir: epath.Path) -> None:
+  """Validation perplexity and per-layer expert load, on stdout."""
+  step = int(result["step"])
+  if "eval/loss" in result:
+    print(f"step {step}: validation loss {result['eval/loss']:.4f}, "
+          f"perplexity {result['eval/perplexity']:.2f} "
+          f"({int(result['eval/tokens'])} tokens)")
+  print(f"training throughput: {metrics_lib.format_count(result['train/tokens_per_sec_mean'])} "
+        "tokens/s (mean, compilation, evaluation and checkpoints excluded)")
+  layers = sorted({k.split("/")[2] for k in result if k.startswith("eval/moe/")},
+                  key=lambda name: int(name.split("_")[-1]))
+  if layers:
+    print("expert load on the validation batches (share of routed assignments per expert):")
+  for layer in layers:
+    prefix = f"eval/moe/{layer}/"
+    loads = [result[k] for k in sorted((k for k in result if k.startswith(prefix +
+                                                                          "expert_load/")),
+                                       key=lambda k: int(k.rsplit("/", 1)[1]))]
+    dropped = result.get(prefix + "dropped_fraction", float("nan"))
+    print(f"  {layer:<9} " + " ".join(f"{v:.3f}" for v in loads) +
+          f"   (uniform {1 / len(loads):.3f}; dropped tokens {100 * dropped:.2f}%)")
+  if result.get("preempted"):
+    print(f"stopped by SIGTERM at step {step}; rerun the same command to resume.")
+  print(f"checkpoints: {workdir / 'checkpoints'}   "
+        f"tensorboard --logdir {workdir / 'tensorboard'}")
