@@ -116,26 +116,24 @@ def test_moe_every_one_and_three():
       0, 0, 1, 0, 0, 1]
 
 
-def test_every_parameter_has_a_partition_spec():
+def test_partition_spec_of_every_parameter():
   model = Transformer(tiny_config(tie_embeddings=False), rngs=nnx.Rngs(0))
   specs = sharding.partition_specs(nnx.state(model, nnx.Param))
-  flat = {"/".join(map(str, path)): spec
+  flat = {"/".join(str(key.key) for key in path): spec
           for path, spec in jax.tree_util.tree_flatten_with_path(
               specs, is_leaf=lambda x: isinstance(x, P))[0]}
-  flat = {k.replace("[", "").replace("]", "").replace("'", ""): v for k, v in flat.items()}
-  expected = {
-      "embed": P(None, None), "unembed": P(None, None), "final_norm/scale": P(None),
-      "blocks/0/attention/wq": P(None, "model", None),
-      "blocks/0/attention/wo": P("model", None, None),
-      "blocks/0/ffn/wi": P(None, "model"), "blocks/0/ffn/wo": P("model", None),
-      "blocks/1/ffn/wi": P("expert", None, "model"), "blocks/1/ffn/router": P(None, None),
-  }
-  for name, spec in expected.items():
-    key = next(k for k in flat if k.replace(".", "/").endswith(name))
-    assert flat[key] == spec, (name, flat[key])
-  for variable in jax.tree.leaves(nnx.state(model, nnx.Param),
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    assert variable.get_metadata().get("logical_axes") is not None
+  qkv, norm = P(None, "model", None), P(None)
+  block0 = {  # dense FFN
+      "attention/wq": qkv, "attention/wk": qkv, "attention/wv": qkv,
+      "attention/wo": P("model", None, None), "attention_norm/scale": norm,
+      "ffn_norm/scale": norm, "ffn/wi": P(None, "model"), "ffn/wo": P("model", None)}
+  block1 = {k: v for k, v in block0.items() if not k.startswith("ffn/")}
+  block1.update({"ffn/router": P(None, None), "ffn/wi": P("expert", None, "model"),
+                 "ffn/wo": P("expert", "model", None)})
+  expected = {"embed": P(None, None), "unembed": P(None, None), "final_norm/scale": norm}
+  expected.update({f"blocks/0/{k}": v for k, v in block0.items()})
+  expected.update({f"blocks/1/{k}": v for k, v in block1.items()})
+  assert flat == expected
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -168,7 +166,9 @@ def test_causal_changing_token_t_leaves_earlier_logits(moe_every):
   # Tight capacity (C = 2 of 16 tokens per expert): top-1 in position order stays causal.
   moe = MoeConfig(router=RouterConfig(kind="switch", num_experts=4, capacity_factor_eval=0.5,
                                       min_capacity=1), ffn_dim=32, group_size=L)
-  config = tiny_config(moe_every=moe_every, moe=moe if moe_every else None)
+  # The dense case also exercises the untied output projection.
+  config = tiny_config(moe_every=moe_every, moe=moe if moe_every else None,
+                       tie_embeddings=bool(moe_every))
   model = Transformer(config, rngs=nnx.Rngs(0))
   t = 9
   inputs = random_tokens(3, (2, L))
@@ -197,8 +197,8 @@ def test_padding_takes_no_expert_capacity():
   np.testing.assert_allclose(metrics["capacity_utilisation"], 0.5, rtol=1e-6)
   load = np.asarray(metrics["expert_load"]) * 2
   np.testing.assert_allclose(load, np.round(load), atol=1e-6)
-  # Without the mask the 16 tokens compete for 4 slots: at least 12 of 16 are dropped.
-  _, aux_all = apply(model, inputs)
+  # With every token real the 16 tokens compete for 4 slots: at least 12 of 16 are dropped.
+  _, aux_all = apply(model, inputs, jnp.ones_like(mask_BL))
   assert float(aux_all.moe["layer_1"].metrics["dropped_fraction"]) >= 0.75
 
 
@@ -216,7 +216,8 @@ def test_real_tokens_do_not_depend_on_padding_content():
 
 
 def test_dropout_only_in_training():
-  model = Transformer(tiny_config(dropout_rate=0.5), rngs=nnx.Rngs(params=0, dropout=1))
+  config = tiny_config(num_layers=1, moe_every=0, moe=None, dropout_rate=0.5)
+  model = Transformer(config, rngs=nnx.Rngs(params=0, dropout=1))
   inputs = random_tokens(6, (2, L))
   eval1, _ = apply(model, inputs)
   eval2, _ = apply(model, inputs)
@@ -225,14 +226,6 @@ def test_dropout_only_in_training():
   train2, _ = apply(model, inputs, train=True)
   assert np.abs(np.asarray(train1 - eval1)).max() > 1e-3
   assert np.abs(np.asarray(train2 - train1)).max() > 1e-3  # a fresh mask each call
-
-
-def test_untied_output_projection():
-  config = tiny_config(tie_embeddings=False)
-  model = Transformer(config, rngs=nnx.Rngs(0))
-  assert model.unembed.shape == (M, VOCAB)
-  logits, _ = apply(model, random_tokens(0, (2, L)))
-  assert logits.shape == (2, L, VOCAB)
 
 
 def test_bfloat16_compute_is_close_to_float32():
@@ -274,13 +267,24 @@ def _loss_and_grads(model, inputs, mask):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 8, 1), (1, 4, 2)])
-def test_sharded_model_matches_single_device(mesh_shape):
-  model = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+def _sharded_case():
   inputs = random_tokens(8)
   mask = jnp.arange(L)[None, :] < jnp.arange(L - B, L)[:, None] + 1  # lengths 9..16
-  (loss, (logits, aux_loss)), grads = _loss_and_grads(model, inputs, mask)
+  return inputs, mask
 
+
+@pytest.fixture(scope="module")
+def single_device_reference():
+  """(loss, (logits, aux_loss)), grads of the tiny MoE model on one device, computed once."""
+  model = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+  return _loss_and_grads(model, *_sharded_case())
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 8, 1), (1, 4, 2)])
+def test_sharded_model_matches_single_device(mesh_shape, single_device_reference):
+  (loss, (logits, aux_loss)), grads = single_device_reference
+  model = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+  inputs, mask = _sharded_case()
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
   with jax.set_mesh(mesh):
     state = nnx.state(model)
@@ -290,11 +294,35 @@ def test_sharded_model_matches_single_device(mesh_shape):
         model, jax.device_put(inputs, batch), jax.device_put(mask, batch))
   assert logits_s.sharding.spec[0] == sharding.TOKEN_AXES  # the batch stayed sharded
   assert grads_s["blocks"][1]["ffn"]["wi"].sharding.spec[0] == "expert"
+  assert float(aux_s) > 0
   np.testing.assert_allclose(logits_s, logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(aux_s, aux_loss, rtol=1e-5)
   np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
   for g_s, g in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads)):
     np.testing.assert_allclose(g_s, g, rtol=1e-5, atol=1e-6 * np.abs(np.asarray(g)).max())
+
+
+def test_sharded_training_randomness_matches_single_device():
+  # Residual dropout and router jitter draw their random numbers in the global view, so with
+  # partitionable threefry (tests/conftest.py) a sharded run draws the same numbers.
+  moe = MoeConfig(router=RouterConfig(kind="switch", num_experts=8, jitter_eps=0.1), ffn_dim=32,
+                  group_size=L)
+  config = tiny_config(num_layers=1, moe_every=1, dropout_rate=0.1, moe=moe)
+  inputs, mask = _sharded_case()
+  single = Transformer(config, rngs=nnx.Rngs(0))
+  logits, aux = apply(single, inputs, mask, train=True)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 4, 1))
+  with jax.set_mesh(mesh):
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, sharding.shardings(state, mesh)))
+    batch = NamedSharding(mesh, P(sharding.TOKEN_AXES, None))
+    logits_s, aux_s = apply(model, jax.device_put(inputs, batch), jax.device_put(mask, batch),
+                            train=True)
+  np.testing.assert_allclose(logits_s, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux_s.aux_loss, aux.aux_loss, rtol=1e-5)
+  logits_next, _ = apply(single, inputs, mask, train=True)
+  assert np.abs(np.asarray(logits_next - logits)).max() > 1e-3  # the random numbers do matter
 
 
 # ----------------------------------------------------------------------------- configuration
