@@ -120,8 +120,8 @@ class RouterConfig:
     object.__setattr__(self, "k", k)
     for name in ("capacity_factor_train", "capacity_factor_eval"):
       value = getattr(self, name)
-      if not value > 0:
-        raise ValueError(f"router.{name}={value!r} must be > 0.")
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"router.{name}={value!r} must be a finite number > 0.")
     if not isinstance(self.min_capacity, int) or self.min_capacity < 1:
       raise ValueError(f"router.min_capacity={self.min_capacity!r} must be an integer >= 1.")
     if not 0.0 <= self.jitter_eps < 1.0:
@@ -189,7 +189,8 @@ class RoutingStats:
     metrics = {
         "expert_load": assigned_E / jnp.maximum(jnp.sum(assigned_E), 1.0),
         "dropped_fraction": jnp.sum(self.tokens_dropped_G) / denom,
-        "dropped_assignment_fraction": 1.0 - kept / jnp.maximum(jnp.sum(assigned_E), 1.0),
+        "dropped_assignment_fraction":
+            (jnp.sum(assigned_E) - kept) / jnp.maximum(jnp.sum(assigned_E), 1.0),
         "router_entropy": jnp.sum(self.entropy_sum_G) / denom,
         "router_confidence": jnp.sum(self.confidence_sum_G) / denom,
         "capacity_utilisation": kept / (num_groups * num_experts * self.capacity),
@@ -257,7 +258,9 @@ def route(logits_GSE: jax.Array, config: RouterConfig, *, train: bool,
   probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
   gates_GSK, expert_index_GSK = jax.lax.top_k(probs_GSE, K)
   if config.kind is RouterKind.GSHARD or (config.kind is RouterKind.TOPK and
-                                           config.normalize_weights and K > 1):
+                                           config.normalize_weights):
+    # With k = 1 this makes every weight 1: the task loss then sends the router no gradient
+    # (only the aux losses train it), as the Mixtral convention implies for a single expert.
     gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)
 
   active_GSK = jnp.broadcast_to(padding_mask_GS[..., None], (G, S, K))
@@ -268,7 +271,8 @@ def route(logits_GSE: jax.Array, config: RouterConfig, *, train: bool,
     keep_second = uniform_GS < gates_GSK[..., 1] / config.second_expert_threshold
     active_GSK = active_GSK.at[..., 1].set(active_GSK[..., 1] & keep_second)
 
-  priority_GS = gates_GSK[..., 0] if config.batch_prioritized else None
+  # V-MoE's priority score: the router's confidence, max_e p_e (before any renormalisation).
+  priority_GS = probs_GSE.max(axis=-1) if config.batch_prioritized else None
   slot_GSK = _claim_slots(expert_index_GSK, active_GSK, E, priority_GS)
   keep_GSK = active_GSK & (slot_GSK < C)
   weight_GSK = jnp.where(keep_GSK, gates_GSK, 0.0)
@@ -308,11 +312,13 @@ def _routing_stats(logits_GSE, probs_GSE, expert_index_GSK, mask_GS, active_GSK,
   E = logits_GSE.shape[-1]
   m_GS = mask_GS.astype(jnp.float32)
   num_tokens_G = jnp.sum(m_GS, axis=1)
+  # Padding may hold any logits, even inf or NaN: select (not multiply) so none of it leaks.
+  valid = lambda a: jnp.where(mask_GS.reshape(mask_GS.shape + (1,) * (a.ndim - 2)), a, 0.0)
   denom_G = jnp.maximum(num_tokens_G, 1.0)
   # Switch load-balancing loss (Fedus et al. 2021, eq. 4-6): f_i from first choices before capacity.
   first_GSE = jax.nn.one_hot(expert_index_GSK[..., 0], E, dtype=jnp.float32) * m_GS[..., None]
   f_GE = jnp.sum(first_GSE, axis=1) / denom_G[:, None]
-  p_GE = jnp.sum(probs_GSE * m_GS[..., None], axis=1) / denom_G[:, None]
+  p_GE = jnp.sum(valid(probs_GSE), axis=1) / denom_G[:, None]
   load_balancing_G = E * jnp.sum(f_GE * p_GE, axis=-1)
   # Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
   z_GS = jax.nn.logsumexp(logits_GSE, axis=-1) ** 2
@@ -325,9 +331,9 @@ def _routing_stats(logits_GSE, probs_GSE, expert_index_GSK, mask_GS, active_GSK,
   return RoutingStats(
       num_tokens_G=num_tokens_G,
       load_balancing_G=load_balancing_G,
-      z_loss_sum_G=jnp.sum(z_GS * m_GS, axis=1),
-      entropy_sum_G=jnp.sum(entropy_GS * m_GS, axis=1),
-      confidence_sum_G=jnp.sum(jnp.max(probs_GSE, axis=-1) * m_GS, axis=1),
+      z_loss_sum_G=jnp.sum(valid(z_GS), axis=1),
+      entropy_sum_G=jnp.sum(valid(entropy_GS), axis=1),
+      confidence_sum_G=jnp.sum(valid(jnp.max(probs_GSE, axis=-1)), axis=1),
       assigned_GE=assigned_GE,
       kept_GE=kept_GE,
       tokens_dropped_G=jnp.sum(dropped_GS.astype(jnp.float32), axis=1),

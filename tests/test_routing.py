@@ -694,7 +694,7 @@ def reference_route(logits_GSE, *, kind, k, normalize, capacity, mask_GS, batch_
   for g in range(G):
     order = list(range(S))
     if batch_prioritized:
-      order.sort(key=lambda s: (-gate[g, s, 0], s))
+      order.sort(key=lambda s: (-probs[g, s].max(), s))  # V-MoE: router confidence
     count = [0] * E
     for j in range(k):  # every j-th choice before any (j+1)-th choice
       for s in order:
@@ -766,7 +766,7 @@ def _random_inputs(rng, G, S, E, gate_fn, *, pad_rate, check_priority, threshold
       if min(_min_gap(p) for p in probs) < 1e-4:
         continue
       gates = gate_fn(probs)
-      if check_priority and _min_gap(gates[m, 0]) < 1e-4:
+      if check_priority and _min_gap(probs[m].max(axis=-1)) < 1e-4:
         continue
       if threshold is not None and np.min(np.abs(u - gates[:, 1] / threshold)) < 1e-4:
         continue
