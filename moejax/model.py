@@ -2,7 +2,7 @@
 
 Dimension letters (DESIGN.md): B batch, L sequence (query positions), M model width, F FFN width,
 H heads, D head width, V vocabulary. Attention also needs the key positions, written T (the same
-length as L; T is not a token count here).
+length as L; T is not a token count here), and RoPE the R = D/2 rotated pairs of a head.
 
     inputs (B, L) int -> embedding (B, L, M)
       -> num_layers x block:  x + attention(rms_norm(x))   causal, RoPE on q and k
