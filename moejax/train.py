@@ -122,7 +122,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, A
           "loss": loss,
           "cross_entropy": cross_entropy,
           "aux_loss": aux.aux_loss,
-          "grad_norm": optax.global_norm(grads),
+          "grad_norm": optax.tree.norm(grads),
           "learning_rate": state.schedule(state.step),
           "target_tokens": tokens,
       },
@@ -157,15 +157,15 @@ def create_train_state(model_config: ModelConfig, experiment: ExperimentConfig,
   if jax.tree.leaves(rest):
     raise ValueError(f"the model holds state that is neither a parameter nor a random stream "
                      f"({list(rest.flat_state())[:3]}...); the trainer would not update it.")
-  param_shardings = sharding.shardings(abstract_params, mesh,
-                                       experiment.sharding_rules).to_pure_dict()
+  param_shardings = nnx.to_pure_dict(
+      sharding.shardings(abstract_params, mesh, experiment.sharding_rules))
   replicated = NamedSharding(mesh, P())
-  rng_shardings = jax.tree.map(lambda _: replicated, abstract_rngs.to_pure_dict())
+  rng_shardings = jax.tree.map(lambda _: replicated, nnx.to_pure_dict(abstract_rngs))
 
   @functools.partial(jax.jit, out_shardings=(param_shardings, rng_shardings))
   def init():
     _, params, rngs = nnx.split(create(), nnx.Param, nnx.RngState)
-    return params.to_pure_dict(), rngs.to_pure_dict()
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
 
   params, rngs = init()
   tx, schedule = make_optimizer(experiment.optimizer, experiment.train.num_steps)
@@ -345,6 +345,10 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
   cfg = experiment.train
   tokens_per_step = cfg.batch_size * experiment.data.seq_len
   first = int(jax.device_get(state.step)) + 1
+  if first > cfg.num_steps:  # a finished run: report its final evaluation, write nothing
+    final = evaluate(eval_fn, state, eval_source(), batch_sharding)
+    return {**metrics_lib.flatten_metrics({"eval": final}), "step": float(first - 1),
+            "preempted": 0.0, "train/tokens_per_sec_mean": 0.0}
   bar = metrics_lib.ProgressBar(cfg.num_steps, enabled=cfg.progress and jax.process_index() == 0)
   timer = Throughput()
   result, preempted, step = {}, False, first - 1
