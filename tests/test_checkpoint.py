@@ -1,0 +1,133 @@
+"""Checkpoints: round trip with the data iterator, restore onto meshes of other shapes, SIGTERM flag."""
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments import switch_small
+from moejax import checkpoint, config as config_lib, data as data_lib, metrics, sharding, train
+from moejax.data import corpora
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  """Runs here repeat programs compiled elsewhere in the session: a persistent cache reuses them."""
+  jax.config.update("jax_compilation_cache_dir",
+                    str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def ptb_config(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("ptb")
+  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
+  config = switch_small.get_config("tiny")
+  config.data.update(name="ptb", data_dir=str(data_dir))
+  return config
+
+
+def _mesh(data, expert, devices=None):
+  return sharding.make_mesh(sharding.MeshConfig(data, expert, 1), devices=devices)
+
+
+def test_round_trip_restores_arrays_in_the_requested_layout_and_the_data_position(
+    ptb_config, tmp_path):
+  experiment = config_lib.experiment_config_from(ptb_config)
+  tokenizer = data_lib.prepare(experiment.data)
+  iterator = data_lib.train_iterator(experiment.data, tokenizer, batch_size=8)
+  next(iterator), next(iterator)
+  mesh = _mesh(2, 4)
+  tree = {"step": jnp.int32(7),
+          "w": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("expert"))),
+          "blocks": {0: {"b": jnp.ones(3)}}}
+  manager = checkpoint.Checkpointer(tmp_path)
+  assert manager.save(2, tree, iterator)
+  assert not manager.save(2, tree, iterator)  # a step is saved once
+  manager.wait_until_finished()
+  expected_next = next(iterator)
+
+  other = _mesh(1, 8)
+  fresh = data_lib.train_iterator(experiment.data, tokenizer, batch_size=8)
+  restored = manager.restore(2, checkpoint.abstract_like(tree, other), fresh)
+  manager.close()
+  np.testing.assert_array_equal(restored["w"], np.arange(64.0).reshape(8, 8))
+  assert restored["w"].sharding == NamedSharding(other, P("expert"))
+  assert int(restored["step"]) == 7 and restored["blocks"][0]["b"].shape == (3,)
+  got_next = next(fresh)
+  for key in ("inputs", "targets", "mask"):
+    np.testing.assert_array_equal(got_next[key], expected_next[key])
+
+
+def test_restore_onto_other_mesh_shapes_gives_same_params_and_next_loss(ptb_config, tmp_path):
+  # Run A on (data=2, expert=4): checkpoints after steps 2 and 3.
+  config = ptb_config.copy_and_resolve_references()
+  config.mesh.update(data=2, expert=4)
+  config.train.update(num_steps=3, checkpoint_every=2, log_every=1)
+  run_a = tmp_path / "a"
+  train.train_and_evaluate(config, run_a)
+  loss_a = {r["step"]: r["train/loss"] for r in metrics.read_jsonl(run_a / "metrics.jsonl")}
+
+  # Run B resumes A's step-2 checkpoint on (data=1, expert=8) and takes step 3.
+  run_b = tmp_path / "b"
+  shutil.copytree(run_a, run_b)
+  shutil.rmtree(run_b / "checkpoints" / "3")
+  config.mesh.update(data=1, expert=8)
+  train.train_and_evaluate(config, run_b)
+  loss_b = {r["step"]: r["train/loss"] for r in metrics.read_jsonl(run_b / "metrics.jsonl")}
+  assert loss_b[2] == loss_a[2]  # steps up to the checkpoint are A's own records
+  np.testing.assert_allclose(loss_b[3], loss_a[3], rtol=1e-5)
+
+  # The step-2 parameters restored on (2, 4), (1, 8) and one device are the same numbers.
+  experiment = config_lib.experiment_config_from(config)
+  tokenizer = data_lib.prepare(experiment.data)
+  model_config = dataclasses.replace(experiment.model, vocab_size=tokenizer.vocab_size)
+  mesh_a = _mesh(2, 4)
+  with jax.set_mesh(mesh_a):
+    template = train.create_train_state(model_config, experiment, mesh_a)
+  manager = checkpoint.Checkpointer(run_a / "checkpoints")
+  restored = {}
+  one_device = _mesh(1, 1, devices=jax.devices()[:1])
+  for name, mesh in (("2x4", mesh_a), ("1x8", _mesh(1, 8)), ("1", one_device)):
+    abstract = checkpoint.abstract_like(template.checkpoint_items(), mesh)
+    iterator = data_lib.train_iterator(experiment.data, tokenizer, batch_size=8)
+    restored[name] = (manager.restore(2, abstract, iterator), iterator)
+  manager.close()
+  params = {name: jax.device_get(items["params"]) for name, (items, _) in restored.items()}
+  for name in ("1x8", "1"):
+    jax.tree.map(np.testing.assert_array_equal, params[name], params["2x4"])
+  wi = restored["1x8"][0]["params"]["blocks"][1]["ffn"]["wi"]
+  assert wi.sharding.spec == P("expert", None, "model") and len(wi.sharding.device_set) == 8
+
+  # Step 3 on one device, from the restored state and data position, gives A's loss.
+  items, iterator = restored["1"]
+  with jax.set_mesh(one_device):
+    rngs = jax.device_put(template.rngs, NamedSharding(one_device, P()))
+    state = template.replace(rngs=rngs, **items)
+    step_fn, _ = train.compile_steps(state, one_device, P(("data", "expert")))
+    batch = train.device_batch(next(iterator), NamedSharding(one_device, P(("data", "expert"))))
+    _, out = step_fn(state, batch)
+  np.testing.assert_allclose(float(out["train"]["loss"]), loss_a[3], rtol=1e-5)
+
+
+def test_preemption_flag_records_sigterm_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint.PreemptionFlag() as flag:
+    assert not flag.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.requested and flag.should_stop()
+  assert signal.getsignal(signal.SIGTERM) is before

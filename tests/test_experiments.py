@@ -1,0 +1,116 @@
+"""The experiment files: they load, agree on active FLOPs, and each trains a step (tiny variant)."""
+
+import importlib
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from moejax import config as config_lib, metrics, train
+from moejax.data import corpora
+from moejax.model import active_ffn_flops_per_token
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  """Shares compiled programs with the other modules' runs through a persistent cache."""
+  jax.config.update("jax_compilation_cache_dir",
+                    str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
+def _get_config(name, arg=None):
+  return importlib.import_module(f"experiments.{name}").get_config(arg)
+
+
+def _typed(name, arg=None, num_devices=1):
+  return config_lib.experiment_config_from(_get_config(name, arg), num_devices=num_devices,
+                                           num_processes=1)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_configs_load_and_validate(name, arg):
+  experiment = _typed(name, arg)
+  assert experiment.optimizer.name == "adamw"
+  assert experiment.train.num_steps >= 1
+  assert experiment.mesh.resolve(1) == (1, 1, 1)
+
+
+def test_docstrings_give_the_command():
+  for name in EXPERIMENTS:
+    doc = importlib.import_module(f"experiments.{name}").__doc__
+    assert f"--config=experiments/{name}.py" in doc, name
+
+
+def test_routing_settings():
+  switch, gshard = _typed("switch_small").model, _typed("gshard_small").model
+  assert (switch.moe_every, switch.moe.router.num_experts, switch.moe.router.k) == (2, 8, 1)
+  assert (gshard.moe_every, gshard.moe.router.num_experts, gshard.moe.router.k) == (2, 8, 2)
+  assert gshard.moe.ffn_dim * 2 == switch.moe.ffn_dim == switch.ffn_dim
+  assert _typed("dense_small").model.moe_every == 0
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_equal_active_ffn_flops_per_token(arg):
+  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in EXPERIMENTS}
+  # dense_small: 4 blocks x 2 matmuls x 2 FLOPs x M=256 x F=1024.
+  expected = 4 * 2 * 2 * 256 * 1024 if arg is None else 2 * 2 * 2 * 32 * 64
+  assert flops == dict.fromkeys(EXPERIMENTS, expected)
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match="'huge'"):
+    _get_config("switch_small", "huge")
+
+
+def test_expert_parallel_mesh_on_eight_devices():
+  config = _get_config("switch_small")
+  config.mesh.update(data=-1, expert=8)
+  assert _typed_from(config, 8).mesh.resolve(8) == (1, 8, 1)
+  config.mesh.update(expert=16)
+  with pytest.raises(ValueError, match="mesh"):
+    _typed_from(config, 16)
+
+
+def _typed_from(config, num_devices):
+  return config_lib.experiment_config_from(config, num_devices=num_devices, num_processes=1)
+
+
+@pytest.fixture(scope="module")
+def ptb_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("ptb")
+  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
+  return str(data_dir)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
+  config = _get_config(name, "tiny")
+  config.data.update(name="ptb", data_dir=ptb_dir)
+  config.mesh.update(data=2, expert=4)
+  config.train.update(num_steps=1, eval_batches=1)
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result["step"] == 1
+  assert math.isfinite(result["train/loss"]) and math.isfinite(result["eval/loss"])
+  np.testing.assert_allclose(result["eval/perplexity"], math.exp(result["eval/loss"]), rtol=1e-9)
+  assert (tmp_path / "checkpoints" / "1" / "state").is_dir()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == [1]
+  loads = [v for k, v in records[0].items() if k.startswith("moe/layer_1/expert_load/")]
+  if name == "dense_small":
+    assert loads == [] and result["train/aux_loss"] == 0.0
+  else:
+    assert len(loads) == 8
+    np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
