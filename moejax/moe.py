@@ -14,7 +14,8 @@ Per device, inside `jax.shard_map` over the mesh (tokens split over ("data", "ex
 
 Groups never straddle devices, so the sharded layer forms exactly the groups of the single-device
 layer and gives the same outputs, losses and gradients. Random numbers (router jitter, GShard's
-random policy) are drawn in the global view, outside `shard_map`, for the same reason.
+random policy, the expert-dropout mask) are drawn in the global view, outside `shard_map`, for the
+same reason: training steps match too.
 """
 
 from __future__ import annotations
@@ -110,14 +111,14 @@ def _activation(kind: Activation, h_EGCF, gate_EGCF):
 
 
 def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation, dropout_rate=0.0,
-               dropout_key=None, model_axis: str | None = None):
+               dropout_keep_EGCF=None, model_axis: str | None = None):
   """Stacked expert FFNs: expert e transforms its rows x[e] with its own weights."""
   h_EGCF = jnp.einsum("EGCM,EMF->EGCF", x_EGCM, wi_EMF)
   gate_EGCF = None if wg_EMF is None else jnp.einsum("EGCM,EMF->EGCF", x_EGCM, wg_EMF)
   h_EGCF = _activation(activation, h_EGCF, gate_EGCF)
-  if dropout_key is not None and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h_EGCF.shape)
-    h_EGCF = jnp.where(keep, h_EGCF / (1.0 - dropout_rate), 0.0).astype(h_EGCF.dtype)
+  if dropout_keep_EGCF is not None:
+    scale = jnp.asarray(1.0 / (1.0 - dropout_rate), h_EGCF.dtype)
+    h_EGCF = jnp.where(dropout_keep_EGCF, h_EGCF * scale, jnp.zeros_like(h_EGCF))
   y_EGCM = jnp.einsum("EGCF,EFM->EGCM", h_EGCF, wo_EFM)
   if model_axis is not None:
     # F is split over the model axis: each device holds a partial sum of the output.
@@ -128,9 +129,9 @@ def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation, dropou
 # ----------------------------------------------------------------------------- per-device body
 
 
-def _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, dropout_key, router_ME, wi_EMF, wo_EFM,
+def _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, keep_EGCF, router_ME, wi_EMF, wo_EFM,
                 wg_EMF, *, config: MoeConfig, train: bool, expert_axis: str | None = None,
-                model_axis: str | None = None, mesh_axes: tuple[str, ...] = ()):
+                model_axis: str | None = None):
   """The MoE layer on one device's tokens. Returns y_TM and per-group RoutingStats."""
   T, M = x_TM.shape
   S = config.group_size
@@ -152,11 +153,8 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, dropout_key, router_ME, wi_E
       # and each device receives every peer's groups for its own experts.
       x_EGCM = jax.lax.all_to_all(x_EGCM, expert_axis, split_axis=0, concat_axis=1, tiled=True)
   with jax.named_scope("experts"):
-    if dropout_key is not None:
-      for axis in mesh_axes:  # a different mask on every device
-        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis))
     y_EGCM = expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, activation=config.activation,
-                        dropout_rate=config.expert_dropout, dropout_key=dropout_key,
+                        dropout_rate=config.expert_dropout, dropout_keep_EGCF=keep_EGCF,
                         model_axis=model_axis)
   with jax.named_scope("combine"):
     if expert_axis is not None:
@@ -193,10 +191,9 @@ class MoeLayer(nnx.Module):
                              ("expert", "embed", "mlp"))
     self.wo = sharding.param(expert_init(rngs.params(), (E, F, M), param_dtype),
                              ("expert", "mlp", "embed"))
-    self.wg = None
-    if config.activation is Activation.SWIGLU:
-      self.wg = sharding.param(expert_init(rngs.params(), (E, M, F), param_dtype),
-                               ("expert", "embed", "mlp"))
+    self.wg = (sharding.param(expert_init(rngs.params(), (E, M, F), param_dtype),
+                              ("expert", "embed", "mlp"))
+               if config.activation is Activation.SWIGLU else None)
     needs_rng = (config.router.jitter_eps > 0 or config.expert_dropout > 0 or
                  config.router.second_expert_policy is SecondExpertPolicy.RANDOM)
     self.rngs = rngs.fork() if needs_rng else None
@@ -208,41 +205,49 @@ class MoeLayer(nnx.Module):
     dtype = parse_dtype("moe.dtype", cfg.dtype)
     x_TM = x_BLM.reshape(B * L, M).astype(dtype)
     mask_T = None if padding_mask_BL is None else padding_mask_BL.reshape(B * L).astype(bool)
-    jitter_TM, uniform_T, dropout_key = self._random_inputs(B * L, train)
-
     mesh = jax.sharding.get_abstract_mesh()
     X = sharding.mesh_axis_size(mesh, sharding.EXPERT)
     token_shards = X * sharding.mesh_axis_size(mesh, sharding.DATA)
     _check_shapes(cfg, B * L, token_shards, X)
+    random_inputs = self._random_inputs(B * L, train, mesh)
     weights = (self.router[...], self.wi[...].astype(dtype), self.wo[...].astype(dtype),
                None if self.wg is None else self.wg[...].astype(dtype))
     if mesh.empty:
-      y_TM, stats = _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, dropout_key, *weights,
-                                config=cfg, train=train)
+      y_TM, stats = _moe_tokens(x_TM, mask_T, *random_inputs, *weights, config=cfg, train=train)
     else:
-      y_TM, stats = _sharded(cfg, train, mesh)(x_TM, mask_T, jitter_TM, uniform_T, dropout_key,
-                                               *weights)
+      y_TM, stats = _sharded(cfg, train, mesh)(x_TM, mask_T, *random_inputs, *weights)
     losses, metrics = stats.summarize()
     aux_loss = (cfg.router.load_balancing_loss_weight * losses["load_balancing_loss"] +
                 cfg.router.z_loss_weight * losses["router_z_loss"])
     return y_TM.reshape(B, L, M), MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
 
-  def _random_inputs(self, num_tokens: int, train: bool):
-    """Random numbers for one call, drawn in the global view (identical under any sharding)."""
-    router = self.config.router
+  def _random_inputs(self, num_tokens: int, train: bool, mesh):
+    """Router jitter, GShard policy draws and the expert-dropout mask for one call.
+
+    Drawn in the global view with the layouts the per-device body uses (threefry is
+    partitionable), so every device gets its slice of the same numbers under any mesh and the
+    sharded layer stays equal to the single-device layer in training too.
+    """
+    cfg, router = self.config, self.config.router
     if not train or self.rngs is None:
       return None, None, None
-    jitter = uniform = key = None
+    specs = _specs(mesh)
+    out = lambda name: None if mesh.empty else specs[name]
+    jitter = uniform = keep = None
     if router.jitter_eps > 0:
       eps = router.jitter_eps
       jitter = jax.random.uniform(self.rngs.jitter(), (num_tokens, self.model_dim), jnp.float32,
-                                  1.0 - eps, 1.0 + eps)
+                                  1.0 - eps, 1.0 + eps, out_sharding=out("tokens"))
     if (router.kind is RouterKind.GSHARD and
         router.second_expert_policy is SecondExpertPolicy.RANDOM):
-      uniform = jax.random.uniform(self.rngs.router(), (num_tokens,), jnp.float32)
-    if self.config.expert_dropout > 0:
-      key = self.rngs.dropout()
-    return jitter, uniform, key
+      uniform = jax.random.uniform(self.rngs.router(), (num_tokens,), jnp.float32,
+                                   out_sharding=out("tokens"))
+    if cfg.expert_dropout > 0:
+      shape = (router.num_experts, num_tokens // cfg.group_size,
+               router.capacity(cfg.group_size, train=True), cfg.ffn_dim)
+      keep = jax.random.bernoulli(self.rngs.dropout(), 1.0 - cfg.expert_dropout, shape,
+                                  out_sharding=out("hidden"))
+    return jitter, uniform, keep
 
 
 def _check_shapes(cfg: MoeConfig, num_tokens: int, token_shards: int, expert_shards: int):
@@ -262,28 +267,41 @@ def _check_shapes(cfg: MoeConfig, num_tokens: int, token_shards: int, expert_sha
         f"{token_shards} shards); choose a divisor of {local}.")
 
 
+def _specs(mesh) -> dict[str, P]:
+  """Per-device layouts on `mesh`, by role."""
+  names = set(mesh.axis_names)
+  axis = lambda a: a if a in names else None
+  token_axes = tuple(a for a in sharding.TOKEN_AXES if a in names)
+  expert, data, model = axis(sharding.EXPERT), axis(sharding.DATA), axis(sharding.MODEL)
+  return {
+      "tokens": P(token_axes),
+      "wi": P(expert, None, model),
+      "wo": P(expert, model, None),
+      # The experts' hidden (E/X, X*G, C, F/model): after the all-to-all, device (d, x) holds
+      # expert block x of the groups of every peer in its data row, i.e. data block d of G.
+      "hidden": P(expert, data, None, model),
+  }
+
+
 def _sharded(cfg: MoeConfig, train: bool, mesh):
   """The per-device body wrapped in shard_map over the context mesh."""
   names = set(mesh.axis_names)
-  token_axes = tuple(a for a in sharding.TOKEN_AXES if a in names)
   expert_axis = sharding.EXPERT if sharding.EXPERT in names else None
   model_axis = sharding.MODEL if sharding.MODEL in names else None
-  tokens = P(token_axes)
-  expert_w = P(expert_axis, None, model_axis)
-  expert_wo = P(expert_axis, model_axis, None)
+  specs = _specs(mesh)
+  tokens = specs["tokens"]
   stats_spec = RoutingStats(
       num_tokens_G=tokens, load_balancing_G=tokens, z_loss_sum_G=tokens, entropy_sum_G=tokens,
       confidence_sum_G=tokens, assigned_GE=tokens, kept_GE=tokens, tokens_dropped_G=tokens,
       capacity=cfg.router.capacity(cfg.group_size, train=train))
   body = functools.partial(_moe_tokens, config=cfg, train=train, expert_axis=expert_axis,
-                           model_axis=model_axis, mesh_axes=tuple(mesh.axis_names))
+                           model_axis=model_axis)
 
-  def run(x, mask, jitter, uniform, key, router_w, wi, wo, wg):
-    in_specs = (tokens, tokens if mask is not None else None,
-                tokens if jitter is not None else None, tokens if uniform is not None else None,
-                P() if key is not None else None, P(), expert_w, expert_wo,
-                expert_w if wg is not None else None)
-    args = (x, mask, jitter, uniform, key, router_w, wi, wo, wg)
+  def run(x, mask, jitter, uniform, keep, router_w, wi, wo, wg):
+    args = (x, mask, jitter, uniform, keep, router_w, wi, wo, wg)
+    roles = (tokens, tokens, tokens, tokens, specs["hidden"], P(), specs["wi"], specs["wo"],
+             specs["wi"])
+    in_specs = tuple(None if a is None else r for a, r in zip(args, roles))
     # A no-op when the inputs already have these layouts (the model's sharding rules give them).
     args = tuple(a if a is None else jax.reshard(a, s) for a, s in zip(args, in_specs))
     fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, stats_spec))
