@@ -38,15 +38,7 @@ def make_layer(kind="switch", *, dispatch="index", activation="relu", expert_dro
   router = RouterConfig(kind=kind, num_experts=E, **router_kw)
   config = MoeConfig(router=router, ffn_dim=F, group_size=S, dispatch=dispatch,
                      activation=activation, expert_dropout=expert_dropout)
-  try:
-    return MoeLayer(M, config, rngs=nnx.Rngs(seed))
-  except ValueError as e:
-    if "static attribute 'wg'" not in str(e):
-      raise
-    raise AssertionError(
-        "BUG in moejax/moe.py: MoeLayer(activation='swiglu') cannot be constructed: __init__ sets "
-        "`self.wg = None` (a static attribute for a flax 0.12 Pytree) and then assigns an "
-        f"nnx.Param to it. Flax says: {e}") from e
+  return MoeLayer(M, config, rngs=nnx.Rngs(seed))
 
 
 def inputs(seed=1):
@@ -244,7 +236,7 @@ def test_einsum_and_index_layers_agree_with_gradients():
   x, mask, r = inputs()
   results = {}
   for dispatch in ("einsum", "index"):
-    layer = make_layer("gshard", dispatch=dispatch, activation="gelu", capacity_factor_train=1.0,
+    layer = make_layer("gshard", dispatch=dispatch, activation="swiglu", capacity_factor_train=1.0,
                        jitter_eps=0.05)
     graphdef, state = nnx.split(layer)
     results[dispatch] = grads_fn(graphdef)(state, x, mask, r)
@@ -271,11 +263,12 @@ SHARDED_CASES = [
     # (router kind, dispatch, mesh (data, expert, model), extra settings)
     ("switch", "index", (2, 4, 1), dict(capacity_factor_train=1.0)),
     ("switch", "einsum", (1, 4, 2), dict(capacity_factor_train=1.0, batch_prioritized=True)),
-    # Jitter and GShard's random policy: random numbers drawn in the global view.
+    # Jitter, GShard's random policy and expert dropout: random numbers drawn in the global view.
     ("gshard", "einsum", (2, 4, 1), dict(capacity_factor_train=1.0, jitter_eps=0.05,
-                                         second_expert_policy="random")),
+                                         second_expert_policy="random", expert_dropout=0.2)),
     ("gshard", "index", (1, 8, 1), dict(capacity_factor_train=1.0)),
-    ("topk", "index", (1, 4, 2), dict(k=3, capacity_factor_train=0.5, activation="swiglu")),
+    ("topk", "index", (1, 4, 2), dict(k=3, capacity_factor_train=0.5, activation="swiglu",
+                                      expert_dropout=0.2)),
     ("topk", "einsum", (1, 8, 1), dict(k=3, normalize_weights=False, capacity_factor_train=0.5,
                                        activation="gelu")),
 ]
@@ -286,7 +279,9 @@ SHARDED_CASES = [
 def test_sharded_matches_single_device(kind, dispatch, mesh_shape, settings):
   settings = dict(settings)
   activation = settings.pop("activation", "relu")
-  layer = make_layer(kind, dispatch=dispatch, activation=activation, **settings)
+  dropout = settings.pop("expert_dropout", 0.0)
+  layer = make_layer(kind, dispatch=dispatch, activation=activation, expert_dropout=dropout,
+                     **settings)
   x, mask, r = inputs()
   graphdef, state = nnx.split(layer)
   want = grads_fn(graphdef)(state, x, mask, r)
