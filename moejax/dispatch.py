@@ -47,8 +47,12 @@ class EinsumDispatcher:
   def __init__(self, decision: RoutingDecision):
     self.dispatch_GSEC = decision.dispatch_GSEC()
     self.combine_GSEC = decision.combine_GSEC()
+    self.routed_GS = jnp.any(decision.keep_GSK, axis=-1)
 
   def dispatch(self, x_GSM: jax.Array) -> jax.Array:
+    # Tokens that reach no expert (padding, dropped) may hold anything, even NaN: select them
+    # away, since a zero one-hot entry times NaN would still poison the whole buffer.
+    x_GSM = jnp.where(self.routed_GS[..., None], x_GSM, jnp.zeros_like(x_GSM))
     dispatch_GSEC = self.dispatch_GSEC.astype(x_GSM.dtype)
     return jnp.einsum("GSEC,GSM->EGCM", dispatch_GSEC, x_GSM)
 
