@@ -18,6 +18,7 @@ field, before any dataset is built or any array allocated.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -184,3 +185,31 @@ def check_layout(experiment: ExperimentConfig, *, num_devices: int, num_processe
   if model.moe_every > 0 and model.moe.ffn_dim % model_size:
     raise ValueError(
         f"model.moe.ffn_dim={model.moe.ffn_dim} must be divisible by mesh.model={model_size}.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, assignments: Sequence[str]
+                    ) -> ml_collections.ConfigDict:
+  """Applies "group.field=value" assignments (for scripts; `moejax.main` has --config.* flags).
+
+  The value is read as a Python literal (3, 1e-3, True, None, (1, 2)), else taken as a string.
+  A field the config does not have raises ValueError naming it.
+  """
+  for assignment in assignments:
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+      raise ValueError(f"override {assignment!r} must look like group.field=value.")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, name = path.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if part not in node:
+        missing = ".".join(parents[:i + 1])
+        raise ValueError(f"override {assignment!r}: config has no field {missing}.")
+      node = node[part]
+    if name not in node:
+      raise ValueError(f"override {assignment!r}: config has no field {path}.")
+    node[name] = value
+  return config

@@ -9,7 +9,8 @@ load (E,). `flatten_metrics` turns the tree into flat scalar names,
 which every writer records under the step:
 
 * `TensorBoardWriter`: real event files (`events.out.tfevents.*`) written with TensorBoard's own
-  `EventFileWriter`, no TensorFlow needed; read them with `tensorboard --logdir WORKDIR/tensorboard`.
+  `EventFileWriter`, no TensorFlow needed; view them with
+  `tensorboard --logdir WORKDIR/tensorboard`.
 * `JsonlWriter`: `metrics.jsonl`, one JSON object per logged step: {"step": 120, "train/loss": ...}.
 
 Only process 0 writes (`create_writers`); the other processes get a writer that does nothing.

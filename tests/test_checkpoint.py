@@ -1,4 +1,4 @@
-"""Checkpoints: round trip with the data iterator, restore onto meshes of other shapes, SIGTERM flag."""
+"""Checkpoints: round trip with the data position, restore onto other mesh shapes, SIGTERM flag."""
 
 import dataclasses
 import os

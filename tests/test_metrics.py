@@ -86,7 +86,8 @@ def test_progress_bar_lines():
   bar.update(120, 4.8123, 21_300.0)
   bar.update(600, 3.25, 950.0)
   bar.close()
-  assert log.getvalue() == "step 120/600 loss 4.812 tok/s 21.3k\nstep 600/600 loss 3.250 tok/s 950\n"
+  assert log.getvalue() == ("step 120/600 loss 4.812 tok/s 21.3k\n"
+                            "step 600/600 loss 3.250 tok/s 950\n")
 
 
 def test_progress_bar_rewrites_one_terminal_line():

@@ -312,3 +312,15 @@ def test_group_size_must_divide_the_tokens_per_device(ptb_dir):
   config.model.moe.group_size = 32
   with pytest.raises(ValueError, match="model.moe.group_size=32"):
     config_lib.experiment_config_from(config)
+
+
+def test_apply_overrides_reads_literals_and_rejects_unknown_fields(ptb_dir):
+  config = tiny_config(ptb_dir)
+  config_lib.apply_overrides(config, ["train.batch_size=16", "optimizer.learning_rate=1e-2",
+                                      "data.name=moejax_public_domain", "train.progress=True"])
+  assert (config.train.batch_size, config.optimizer.learning_rate) == (16, 0.01)
+  assert config.data.name == "moejax_public_domain" and config.train.progress is True
+  with pytest.raises(ValueError, match="train.bogus"):
+    config_lib.apply_overrides(config, ["train.bogus=1"])
+  with pytest.raises(ValueError, match="nope"):
+    config_lib.apply_overrides(config, ["nope.x=1"])
