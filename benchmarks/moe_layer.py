@@ -49,16 +49,16 @@ def _parse_args(argv):
   return p.parse_args(argv)
 
 
-def _moe_config(args, dispatch):
+def _moe_config(args, dispatch, expert_loop="auto"):
   router = RouterConfig(kind="topk" if args.k > 1 else "switch", num_experts=args.experts,
                         k=args.k, capacity_factor_train=args.capacity_factor, min_capacity=1)
   return MoeConfig(router=router, ffn_dim=args.ffn_dim, group_size=args.group_size,
-                   dispatch=dispatch, dtype=args.dtype)
+                   dispatch=dispatch, dtype=args.dtype, expert_loop=expert_loop)
 
 
-def _moe_step(args, dispatch):
+def _moe_step(args, dispatch, expert_loop="auto"):
   """A jitted fwd+bwd of the MoE layer: grads w.r.t. all parameters and the input."""
-  layer = MoeLayer(args.model_dim, _moe_config(args, dispatch), rngs=nnx.Rngs(0))
+  layer = MoeLayer(args.model_dim, _moe_config(args, dispatch, expert_loop), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(layer)
 
   @jax.jit
@@ -139,10 +139,12 @@ def main(argv=None):
   dense, dense_params = _dense_step(args)
   index, index_params = _moe_step(args, "index")
   einsum, einsum_params = _moe_step(args, "einsum")
+  batched, batched_params = _moe_step(args, "index", "batched")
   t = time_side_by_side({
       "dense": lambda: dense(dense_params, x, dy),
       "index": lambda: index(index_params, x, dy),
       "einsum": lambda: einsum(einsum_params, x, dy),
+      "index, batched": lambda: batched(batched_params, x, dy),
   }, args.repeats)
 
   capacity = _moe_config(args, "index").router.capacity(args.group_size, train=True)
@@ -151,7 +153,10 @@ def main(argv=None):
         f"capacity_factor={args.capacity_factor} S={args.group_size} C={capacity} {args.dtype}, "
         f"forward+backward, median of {args.repeats}")
   print(f"{'layer':<16}{'seconds':>10}{'x dense':>10}")
-  for name in ("dense", "index", "einsum"):
+  loop = "scan" if jax.default_backend() == "cpu" else "batched"
+  print(f"(index and einsum use expert_loop=auto, here {loop}; 'index, batched' forces one "
+        "batched matmul over experts)")
+  for name in t:
     print(f"{name:<16}{t[name]:>10.4f}{t[name] / t['dense']:>10.2f}")
   padding = args.experts * capacity / args.group_size / args.k
   print(f"capacity padding floor: {padding:.2f}x")
