@@ -38,13 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sharding_rules = sharding.DEFAULT_RULES
 
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=30, decay_steps=0,
+      name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=25, decay_steps=0,
       final_learning_rate_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-8,
       clip_norm=1.0))
 
   config.train = ml_collections.ConfigDict(dict(
-      num_steps=300, batch_size=16, log_every=10, eval_every=100, eval_batches=16,
-      checkpoint_every=100, max_checkpoints=2, seed=0, progress=True))
+      num_steps=250, batch_size=16, log_every=10, eval_every=125, eval_batches=16,
+      checkpoint_every=125, max_checkpoints=2, seed=0, progress=True))
   return config
 
 

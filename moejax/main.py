@@ -6,12 +6,14 @@
 
 `--config=FILE[:ARG]` loads `get_config(ARG)` from FILE; `--config.a.b=value` overrides one field.
 Rerunning on the same workdir resumes from its newest checkpoint; SIGTERM saves and exits 0.
+With several processes (`launch/local.sh`, SLURM, a TPU pod) every process runs this same
+command; `moejax.distributed.initialize` joins them into one JAX runtime first.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moejax import train
+from moejax import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py).",
                                           lock_config=True)
@@ -22,6 +24,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and TFDS log every step of saving and building at INFO; --verbosity=0 shows them.
+    logging.set_verbosity(logging.WARNING)
+  distributed.initialize()  # several processes (launch/, SLURM, TPU pods); else nothing
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -176,6 +176,14 @@ class ProgressBar:
       self._stream.write(text + "\n")
     self._stream.flush()
 
+  def note(self, text: str) -> None:
+    """A line that stays (an evaluation result), printed below the progress line."""
+    if not self._enabled:
+      return
+    self._stream.write(("\n" if self._open_line else "") + text + "\n")
+    self._stream.flush()
+    self._open_line = False
+
   def close(self) -> None:
     if self._open_line:
       self._stream.write("\n")

@@ -371,8 +371,10 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
       preempted = flag.should_stop()
       if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
         timer.pause()
-        scalars.update(metrics_lib.flatten_metrics(
-            {"eval": evaluate(eval_fn, state, eval_source(), batch_sharding)}))
+        evaluation = evaluate(eval_fn, state, eval_source(), batch_sharding)
+        scalars.update(metrics_lib.flatten_metrics({"eval": evaluation}))
+        bar.note(f"step {step}: validation loss {evaluation['loss']:.4f}, "
+                 f"perplexity {evaluation['perplexity']:.2f}")
       if scalars:
         writer.write_scalars(step, scalars)
         result.update(scalars)

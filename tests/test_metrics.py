@@ -106,3 +106,15 @@ def test_disabled_progress_bar_writes_nothing():
   bar.update(1, 1.0, 1.0)
   bar.close()
   assert log.getvalue() == ""
+
+
+def test_progress_bar_notes_stay_on_their_own_line():
+  term = _Terminal()
+  bar = metrics.ProgressBar(10, stream=term)
+  bar.update(5, 2.0, 100.0)
+  bar.note("step 5: validation loss 2.1000, perplexity 8.17")
+  bar.update(10, 1.0, 100.0)
+  bar.close()
+  assert term.getvalue() == ("\rstep  5/10 loss 2.000 tok/s 100\x1b[K\n"
+                             "step 5: validation loss 2.1000, perplexity 8.17\n"
+                             "\rstep 10/10 loss 1.000 tok/s 100\x1b[K\n")
