@@ -292,6 +292,7 @@ def test_shuffle_window_permutes_packed_rows(ptb_fixture):
 
 def test_train_shards_partition_the_documents(ptb_fixture):
   config, tokenizer = ptb_fixture
+  config = config.__class__(**{**config.__dict__, "process_sharding": "documents"})
   docs = _encode_docs(tokenizer, _lines(FIXTURES / "ptb" / "ptb.train.txt"))
   process_count, union = 3, collections.Counter()
   shards = []
@@ -304,6 +305,66 @@ def test_train_shards_partition_the_documents(ptb_fixture):
     union.update(_documents(stream, tokenizer.eos_id)[:shard_size])
   assert union == collections.Counter(docs)
   assert all(not a & b for i, a in enumerate(shards) for b in shards[i + 1:])
+
+
+def _with(config, **changes):
+  return config.__class__(**{**config.__dict__, **changes})
+
+
+def _joined(parts):
+  """Per-step concatenation of the processes' batches (process 0's rows first)."""
+  return [{key: np.concatenate([p[step][key] for p in parts]) for key in parts[0][step]}
+          for step in range(len(parts[0]))]
+
+
+@pytest.mark.parametrize("process_count,shuffle_window", [(2, 0), (2, 8), (4, 8)])
+def test_batch_rows_processes_split_the_single_process_batches(ptb_fixture, process_count,
+                                                               shuffle_window):
+  config, tokenizer = ptb_fixture
+  config = _with(config, shuffle_window=shuffle_window)
+  assert config.process_sharding == "batch_rows"  # the default
+  # 12 global batches of 4 rows x 17 tokens: about 1.7 epochs of the 40 fixture sentences.
+  whole = _take(data.train_iterator(config, tokenizer, batch_size=4), 12)
+  per_process = 4 // process_count
+  parts = [_take(data.train_iterator(config, tokenizer, batch_size=per_process, process_index=i,
+                                     process_count=process_count), 12)
+           for i in range(process_count)]
+  assert all(b["inputs"].shape == (per_process, config.seq_len) for p in parts for b in p)
+  _assert_same_batches(whole, _joined(parts))
+  # The single-process stream is the one the "documents" sharding gives a single process ...
+  _assert_same_batches(whole, _take(data.train_iterator(
+      _with(config, process_sharding="documents"), tokenizer, batch_size=4), 12))
+  # ... while "documents" with several processes gives other global batches.
+  by_documents = [_take(data.train_iterator(
+      _with(config, process_sharding="documents"), tokenizer, batch_size=per_process,
+      process_index=i, process_count=process_count), 12) for i in range(process_count)]
+  assert not all(np.array_equal(a["inputs"], b["inputs"])
+                 for a, b in zip(whole, _joined(by_documents)))
+
+
+@pytest.mark.parametrize("n", [0, 5, 25])
+def test_batch_rows_state_round_trips_and_fits_any_process_count(ptb_fixture, tmp_path, n):
+  config, tokenizer = ptb_fixture
+  config = _with(config, shuffle_window=8)
+  handler = grain.checkpoint.CheckpointHandler()
+  make = lambda i, count: data.train_iterator(config, tokenizer, batch_size=4 // count,
+                                              process_index=i, process_count=count)
+  iterators = [make(i, 2) for i in range(2)]
+  for it in iterators:
+    _take(it, n)
+  # Both processes hold the same position: the global stream's.
+  state = iterators[0].get_state()
+  assert iterators[1].get_state() == state
+  handler.save(epath.Path(tmp_path), item=iterators[1])  # JSON on disk, as in a checkpoint
+  expected = [_take(it, 6) for it in iterators]
+  for i in range(2):
+    restored = make(i, 2)
+    handler.restore(epath.Path(tmp_path), item=restored)
+    _assert_same_batches(expected[i], _take(restored, 6))
+  # One process continuing from the two processes' position sees the same global batches.
+  single = make(0, 1)
+  single.set_state(state)
+  _assert_same_batches(_joined(expected), _take(single, 6))
 
 
 def test_eval_shards_are_blocks_of_the_global_batch(ptb_fixture):
@@ -358,7 +419,7 @@ def test_eval_is_finite_repeatable_and_limited(ptb_fixture):
     ("name", ""), ("vocab_size", 100), ("seq_len", 0), ("shuffle_seed", -1),
     ("shuffle_seed", 2**32), ("tokenizer", "bytes"), ("sentencepiece_model_type", "wordpiece"),
     ("shuffle_window", -1), ("read_batch_size", 0), ("read_threads", -1), ("seq_len", 1.5),
-    ("data_dir", ""), ("eval_split", ""),
+    ("data_dir", ""), ("eval_split", ""), ("process_sharding", "rows"),
 ])
 def test_bad_config_values_name_the_field(field, value):
   with pytest.raises(ValueError, match=rf"DataConfig\.{field}={value!r}"):
@@ -399,4 +460,8 @@ def test_dataset_errors(ptb_fixture, tmp_path):
   with pytest.raises(ValueError, match="max_batches=0"):
     data.eval_batches(config, tokenizer, batch_size=1, max_batches=0)
   with pytest.raises(ValueError, match="exceeds the 40 documents"):
-    data.train_iterator(config, tokenizer, batch_size=1, process_index=0, process_count=41)
+    data.train_iterator(_with(config, process_sharding="documents"), tokenizer, batch_size=1,
+                        process_index=0, process_count=41)
+  # Splitting global batches by rows works with more processes than documents.
+  rows = data.train_iterator(config, tokenizer, batch_size=1, process_index=40, process_count=41)
+  assert next(rows)["inputs"].shape == (1, config.seq_len)

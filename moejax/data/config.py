@@ -17,6 +17,8 @@ from etils import epath
 # every other dataset.
 TOKENIZER_KINDS = ("auto", "sentencepiece", "word")
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
+# How the training stream is divided between processes (see DataConfig.process_sharding).
+PROCESS_SHARDINGS = ("batch_rows", "documents")
 # 256 byte-fallback pieces + pad, unk, eos + at least one learned piece.
 MIN_SENTENCEPIECE_VOCAB = 260
 
@@ -50,6 +52,16 @@ class DataConfig:
       token stream does not depend on it.
     read_threads: grain reader threads that fetch and tokenize documents (0 = in the caller).
     prefetch_buffer_size: document groups kept ready ahead of the consumer.
+    process_sharding: how several processes share the training stream.
+      "batch_rows" (default): every process reads the whole split and builds the same shuffled,
+        packed stream of global batches, then keeps its own contiguous block of rows of each one.
+        The global batches, hence the training run, are the same for any number of processes
+        (a 2-process run repeats a 1-process run, and a checkpoint resumes on another process
+        count), at the price of every process reading and tokenizing all the data: right for
+        small corpora and for reproducibility.
+      "documents": process i reads only the documents `i::process_count` and packs and shuffles
+        them on its own. Each process reads 1/process_count of the data, which scales to large
+        corpora, but the global batches depend on the number of processes.
   """
 
   name: str = "moejax_public_domain"
@@ -67,6 +79,7 @@ class DataConfig:
   read_batch_size: int = 32
   read_threads: int = 1
   prefetch_buffer_size: int = 4
+  process_sharding: str = "batch_rows"
 
   def __post_init__(self):
     for field in ("name", "text_key", "train_split", "eval_split"):
@@ -87,6 +100,8 @@ class DataConfig:
       _fail("shuffle_seed", self.shuffle_seed, "expected an integer in [0, 2**32)")
     if self.tokenizer not in TOKENIZER_KINDS:
       _fail("tokenizer", self.tokenizer, f"expected one of {TOKENIZER_KINDS}")
+    if self.process_sharding not in PROCESS_SHARDINGS:
+      _fail("process_sharding", self.process_sharding, f"expected one of {PROCESS_SHARDINGS}")
     if self.sentencepiece_model_type not in SENTENCEPIECE_MODEL_TYPES:
       _fail("sentencepiece_model_type", self.sentencepiece_model_type,
             f"expected one of {SENTENCEPIECE_MODEL_TYPES}")

@@ -13,12 +13,24 @@ Batches are dicts of numpy arrays, `b` = per-process batch size, `L` = seq_len:
     inputs  (b, L) int32    targets (b, L) int32    mask (b, L) bool: True where the target is a
                                                     real token (never inferred from token values)
 
-Training (per process): the process's documents `[process_index::process_count]` are shuffled
-with `shuffle_seed`, reshuffled every epoch (grain derives each epoch's permutation from the seed
-and the epoch number), repeated forever, packed, and the packed rows are shuffled again in
-windows of `shuffle_window` rows so one batch does not hold consecutive slices of a document.
+Training: documents are shuffled with `shuffle_seed`, reshuffled every epoch (grain derives each
+epoch's permutation from the seed and the epoch number), repeated forever, packed, and the packed
+rows are shuffled again in windows of `shuffle_window` rows so one batch does not hold consecutive
+slices of a document. `DataConfig.process_sharding` says how processes share that stream:
+
+    "batch_rows"  every process builds the same stream of global batches of
+                  `batch_size * process_count` rows from all documents and keeps rows
+                  `[process_index * batch_size, (process_index + 1) * batch_size)` of each, so
+                  `jax.make_array_from_process_local_data` assembles exactly the batch a single
+                  process would see; every process reads and tokenizes the whole split.
+    "documents"   process i shuffles and packs only the documents `[i::process_count]` into its
+                  own batches of `batch_size` rows; each process reads 1/process_count of the
+                  data, but the global batches change with the number of processes.
+
 The iterator's `get_state()`/`set_state()` (JSON-serialisable; `grain.checkpoint.CheckpointSave`
-/ `CheckpointRestore` store it beside an Orbax checkpoint) resume the exact stream.
+/ `CheckpointRestore` store it beside an Orbax checkpoint) resume the exact stream. With
+"batch_rows" the state is the global stream's, the same on every process and valid for any number
+of processes (grain's checkpoint files, though, are named per process count).
 
 Evaluation: every process packs the whole eval split in file order and keeps its own block of
 `batch_size` rows from each global batch of `batch_size * process_count` rows; the last global
@@ -197,19 +209,29 @@ def train_iterator(config: DataConfig, tokenizer: Tokenizer, *, batch_size: int,
 
   Returns a grain `DatasetIterator`: `next(it)` gives a batch dict, `it.get_state()` a JSON-able
   dict, and `set_state(state)` on a fresh iterator of the same arguments resumes the stream.
+  How processes divide the data follows `config.process_sharding` (see the module docstring).
   """
   _check_processes(batch_size, process_index, process_count)
   source = _data_source(config, config.train_split)
-  if process_count > len(source):
-    raise ValueError(f"process_count={process_count} exceeds the {len(source)} documents of "
-                     f"split {config.train_split!r}: some processes would get none.")
-  shard = grain.MapDataset.range(len(source))[process_index::process_count]
-  order = shard.shuffle(seed=config.shuffle_seed).repeat()
+  documents = grain.MapDataset.range(len(source))
+  by_documents = config.process_sharding == "documents"
+  if by_documents:
+    if process_count > len(source):
+      raise ValueError(f"process_count={process_count} exceeds the {len(source)} documents of "
+                       f"split {config.train_split!r}: some processes would get none.")
+    documents = documents[process_index::process_count]
+  order = documents.shuffle(seed=config.shuffle_seed).repeat()
   rows = _packed_rows(order, source, config, tokenizer)
   if config.shuffle_window > 0:
     rows = grain.experimental.WindowShuffleIterDataset(
         rows, window_size=config.shuffle_window, seed=config.shuffle_seed)
-  return _JsonStateIterator(iter(rows.batch(batch_size, drop_remainder=True).map(_model_batch)))
+  if by_documents:
+    batches = rows.batch(batch_size, drop_remainder=True).map(_model_batch)
+  else:  # global batches; this process keeps its block of rows
+    batches = rows.batch(batch_size * process_count, drop_remainder=True).map(
+        functools.partial(_process_block, batch_size=batch_size, process_index=process_index,
+                          process_count=process_count))
+  return _JsonStateIterator(iter(batches))
 
 
 class _JsonStateIterator(grain.DatasetIterator):
@@ -240,7 +262,10 @@ def _slices_as_tuples(state: Any) -> Any:
 
 def _process_block(packed: dict[str, np.ndarray], *, batch_size: int, process_index: int,
                    process_count: int) -> dict[str, np.ndarray]:
-  """A global batch (at most batch_size * process_count rows) -> this process's rows, padded."""
+  """A global batch (at most batch_size * process_count rows) -> this process's rows, padded.
+
+  Rows past the end of a short (final eval) batch are zeros: padding with mask False.
+  """
   global_rows = batch_size * process_count
   start = process_index * batch_size
   block = {}
