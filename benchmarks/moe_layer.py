@@ -153,7 +153,7 @@ def main(argv=None):
         f"capacity_factor={args.capacity_factor} S={args.group_size} C={capacity} {args.dtype}, "
         f"forward+backward, median of {args.repeats}")
   print(f"{'layer':<16}{'seconds':>10}{'x dense':>10}")
-  loop = "scan" if jax.default_backend() == "cpu" else "batched"
+  loop = "unroll" if jax.default_backend() == "cpu" else "batched"
   print(f"(index and einsum use expert_loop=auto, here {loop}; 'index, batched' forces one "
         "batched matmul over experts)")
   for name in t:

@@ -38,9 +38,10 @@ from moejax.routing import (RouterConfig, RouterKind, RoutingStats, SecondExpert
 class ExpertLoop(enum.Enum):
   """How the stacked experts' matmuls are issued (see `expert_ffn`)."""
 
-  AUTO = "auto"  # SCAN on CPU, BATCHED elsewhere
-  BATCHED = "batched"
-  SCAN = "scan"
+  AUTO = "auto"  # CPU: UNROLL up to 16 local experts, else SCAN; other platforms: BATCHED
+  BATCHED = "batched"  # one batched matmul per weight
+  SCAN = "scan"  # a loop (lax.map) of 2-D matmuls
+  UNROLL = "unroll"  # one 2-D matmul per expert, unrolled at trace time
 
 
 class Activation(enum.Enum):
@@ -70,7 +71,8 @@ class MoeConfig:
     group_size: S, tokens per routing group; must divide the tokens on each device.
     dispatch: `DispatchKind.INDEX` (gathers) or `DispatchKind.EINSUM` (one-hot tensors).
     activation: relu, gelu or swiglu.
-    expert_loop: how the experts' matmuls are issued: auto, batched or scan (same results).
+    expert_loop: how the experts' matmuls are issued: auto, batched, scan or unroll (same
+      results; see `expert_ffn`).
     expert_dropout: dropout rate on the experts' hidden activations in training.
     dtype: compute dtype of the experts ("float32" or "bfloat16"); the router is always float32.
   """
@@ -139,18 +141,27 @@ def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation,
                model_axis: str | None = None):
   """Stacked expert FFNs: expert e transforms its rows x[e] with its own weights.
 
-  `loop` maps the one-expert FFN over E: `BATCHED` as one batched matmul per weight (best on
-  TPU/GPU), `SCAN` as a loop of 2-D matmuls, each using every core (best on CPU, where batched
-  matmuls of E small problems run ~10% slower than the same FLOPs as E large ones).
+  `loop` maps the one-expert FFN over the local experts: `BATCHED` as one batched matmul per
+  weight (best on TPU/GPU); on CPU, where a batched matmul of E small problems runs slower than
+  the same FLOPs as one large one, `UNROLL` issues a 2-D matmul per expert (fastest: the compiler
+  lays out each one freely; benchmarks/moe_layer.py) and `SCAN` loops over them (compile time
+  independent of E). All give the same numbers.
   """
+  num_local = x_EGCM.shape[0]
   if loop is ExpertLoop.AUTO:
-    loop = ExpertLoop.SCAN if jax.default_backend() == "cpu" else ExpertLoop.BATCHED
+    if jax.default_backend() != "cpu":
+      loop = ExpertLoop.BATCHED
+    else:
+      loop = ExpertLoop.UNROLL if num_local <= 16 else ExpertLoop.SCAN
   fn = functools.partial(_one_expert, activation=activation, dropout_rate=dropout_rate)
   args = (x_EGCM, wi_EMF, wo_EFM, wg_EMF, dropout_keep_EGCF)
   if loop is ExpertLoop.BATCHED:
     y_EGCM = jax.vmap(fn)(*args)
-  else:
+  elif loop is ExpertLoop.SCAN:
     y_EGCM = jax.lax.map(lambda a: fn(*a), args)
+  else:
+    take = lambda a, e: None if a is None else a[e]
+    y_EGCM = jnp.stack([fn(*(take(a, e) for a in args)) for e in range(num_local)])
   if model_axis is not None:
     # F is split over the model axis: each device holds a partial sum of the output.
     y_EGCM = jax.lax.psum(y_EGCM, model_axis)
