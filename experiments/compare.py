@@ -22,6 +22,7 @@ import importlib
 import pathlib
 import sys
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def _parse_args(argv):
   p.add_argument("--steps", type=int, required=True, help="training steps of every experiment")
   p.add_argument("--workdir_root", required=True, help="one workdir per experiment below this")
   p.add_argument("--docs_dir", default="docs", help="where compare.md and the plot go")
-  p.add_argument("--evals", type=int, default=6, help="evaluations per run (the last at the end)")
+  p.add_argument("--evals", type=int, default=5, help="evaluations per run (the last at the end)")
   p.add_argument("--variant", default=None, help="get_config(arg) variant, e.g. tiny")
   p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
   p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -55,6 +56,7 @@ class Outcome:
   result: dict[str, float]
   eval_curve: list[tuple[int, float]]  # (step, validation loss)
   train_dropped: float | None
+  tokens_per_sec: float  # over the whole run, read back from its metrics
   active_flops: int
 
 
@@ -71,12 +73,18 @@ def run_experiment(name: str, args) -> Outcome:
   config.optimizer.decay_steps = args.steps
   workdir = pathlib.Path(args.workdir_root) / name
   result = train.train_and_evaluate(config, workdir)
+  if result["preempted"]:
+    return None
   records = metrics.read_jsonl(workdir / "metrics.jsonl")
   curve = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
   last_train = next((r for r in reversed(records) if "train/loss" in r), {})
+  # Each logged rate covers the same number of tokens (log_every steps), so the run's mean
+  # throughput is their harmonic mean. Read from the file, it survives resumed runs.
+  rates = [r["train/tokens_per_sec"] for r in records if "train/tokens_per_sec" in r]
   model = config_lib.experiment_config_from(config).model
   return Outcome(name=name, result=result, eval_curve=curve,
                  train_dropped=_mean_over_layers(last_train, "moe/", "dropped_fraction"),
+                 tokens_per_sec=len(rates) / sum(1.0 / r for r in rates) if rates else 0.0,
                  active_flops=active_ffn_flops_per_token(model))
 
 
@@ -84,13 +92,21 @@ def _percent(value: float | None) -> str:
   return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def markdown_table(outcomes: list[Outcome], steps: int) -> str:
+def markdown_table(outcomes: list[Outcome], args) -> str:
+  flags = [f"--steps {args.steps}", f"--evals {args.evals}"]
+  if args.variant:
+    flags.append(f"--variant {args.variant}")
+  if args.set:
+    flags.append("--set " + " ".join(args.set))
+  command = " ".join(["experiments/compare.py", *flags])
   lines = [
-      f"# dense_small vs switch_small vs gshard_small ({steps} steps)",
+      f"# {' vs '.join(o.name for o in outcomes)} ({args.steps} steps)",
       "",
-      "Written by `experiments/compare.py`. Equal active FFN FLOPs per token in every row. "
-      "Dropped: tokens none of whose experts had room (mean over MoE layers), in training at the "
-      "last logged step (capacity factor 1.25) and on the validation batches (2.0).",
+      f"Written by `{command}` on {jax.device_count()} x {jax.devices()[0].platform}. Equal "
+      "active FFN FLOPs per token in every row. Training tokens/s: mean over the run as it "
+      "trained, compilation and evaluation excluded. Dropped: tokens none of whose experts had "
+      "room (mean over MoE layers), in training at the last logged step (capacity factor 1.25) "
+      "and on the validation batches (2.0).",
       "",
       "| experiment | active FFN MFLOPs/token | val loss | val perplexity | train tokens/s "
       "| dropped (train) | dropped (val) |",
@@ -101,7 +117,7 @@ def markdown_table(outcomes: list[Outcome], steps: int) -> str:
     val_dropped = _mean_over_layers(r, "eval/moe/", "dropped_fraction")
     lines.append(
         f"| {o.name} | {o.active_flops / 1e6:.2f} | {r['eval/loss']:.4f} | "
-        f"{r['eval/perplexity']:.2f} | {r['train/tokens_per_sec_mean']:,.0f} | "
+        f"{r['eval/perplexity']:.2f} | {o.tokens_per_sec:,.0f} | "
         f"{_percent(o.train_dropped)} | {_percent(val_dropped)} |")
   return "\n".join(lines) + "\n"
 
@@ -125,10 +141,16 @@ def main(argv=None) -> list[Outcome]:
   args = _parse_args(argv)
   if args.steps < 1:
     raise ValueError(f"--steps={args.steps} must be >= 1.")
-  outcomes = [run_experiment(name, args) for name in args.experiments]
+  outcomes = []
+  for name in args.experiments:
+    outcome = run_experiment(name, args)
+    if outcome is None:  # SIGTERM: the run saved; stop here and write nothing
+      print(f"{name} was stopped; rerun the same command to resume the comparison.")
+      return outcomes
+    outcomes.append(outcome)
   docs = pathlib.Path(args.docs_dir)
   docs.mkdir(parents=True, exist_ok=True)
-  table = markdown_table(outcomes, args.steps)
+  table = markdown_table(outcomes, args)
   (docs / "compare.md").write_text(table)
   plot(outcomes, docs / "compare_val_loss.png")
   print(table)

@@ -63,10 +63,19 @@ def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 
 class TensorBoardWriter:
-  """Scalar summaries in a TensorBoard event file under `logdir`."""
+  """Scalar summaries in a TensorBoard event file under `logdir`.
 
-  def __init__(self, logdir: str | os.PathLike):
+  `purge_from_step=s` (a run resumed from the checkpoint of step s - 1) first writes a session
+  START event at step s, which tells TensorBoard to drop what earlier event files logged at steps
+  >= s: the interrupted run's steps after its last checkpoint.
+  """
+
+  def __init__(self, logdir: str | os.PathLike, purge_from_step: int | None = None):
     self._writer = EventFileWriter(os.fspath(logdir), flush_secs=10)
+    if purge_from_step is not None:
+      self._writer.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(purge_from_step),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
@@ -142,11 +151,16 @@ class MultiWriter:
 
 def create_writers(workdir: str | os.PathLike, *, process_index: int,
                    resume_step: int | None = None) -> MultiWriter:
-  """TensorBoard events under WORKDIR/tensorboard and WORKDIR/metrics.jsonl, on process 0 only."""
+  """TensorBoard events under WORKDIR/tensorboard and WORKDIR/metrics.jsonl, on process 0 only.
+
+  `resume_step`: the step the run restarts from (its checkpoint's; 0 for a fresh start). What an
+  earlier run logged after it is dropped from both, so every step is recorded once.
+  """
   if process_index != 0:
     return MultiWriter([])
   workdir = epath.Path(workdir)
-  return MultiWriter([TensorBoardWriter(workdir / "tensorboard"),
+  purge = None if resume_step is None else resume_step + 1
+  return MultiWriter([TensorBoardWriter(workdir / "tensorboard", purge_from_step=purge),
                       JsonlWriter(workdir / "metrics.jsonl", resume_step=resume_step)])
 
 

@@ -225,8 +225,9 @@ def evaluate(eval_fn, state: TrainState, batches, batch_sharding: NamedSharding
 class Throughput:
   """Training tokens per second over intervals during which the host only fed training steps.
 
-  `resume()` when steps start being dispatched, `add(tokens)` per step, and `pause()` after
-  blocking on the last step's results (it returns the interval's rate, None if it had no steps).
+  `resume()` when steps start being dispatched, `add(tokens)` per step, and `pause()` once the
+  last step has finished (it returns the interval's rate, None if it had no steps). Steps run
+  asynchronously: pass `wait_for` (the newest state) unless the caller already waited on them.
   """
 
   def __init__(self):
@@ -240,9 +241,11 @@ class Throughput:
   def add(self, tokens: int) -> None:
     self._pending += tokens
 
-  def pause(self) -> float | None:
+  def pause(self, wait_for: Any = None) -> float | None:
     if self._since is None:
       return None
+    if wait_for is not None:
+      jax.block_until_ready(wait_for)
     elapsed = time.perf_counter() - self._since
     rate = self._pending / elapsed if self._pending and elapsed > 0 else None
     self.tokens += self._pending
@@ -305,7 +308,7 @@ def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float
 
     # ---- loop
     writer = metrics_lib.create_writers(workdir, process_index=jax.process_index(),
-                                        resume_step=latest)
+                                        resume_step=latest or 0)
     try:
       result = _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source,
                      batch_sharding, checkpointer, writer)
@@ -367,10 +370,9 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
         if rate is not None:
           scalars["train/tokens_per_sec"] = rate
         bar.update(step, scalars["train/loss"], rate or 0.0)
-        result.update(scalars)
       preempted = flag.should_stop()
       if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
-        timer.pause()
+        timer.pause(wait_for=state)
         evaluation = evaluate(eval_fn, state, eval_source(), batch_sharding)
         scalars.update(metrics_lib.flatten_metrics({"eval": evaluation}))
         bar.note(f"step {step}: validation loss {evaluation['loss']:.4f}, "
@@ -380,7 +382,7 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
         result.update(scalars)
       if preempted or step == cfg.num_steps or (cfg.checkpoint_every and
                                                  step % cfg.checkpoint_every == 0):
-        timer.pause()
+        timer.pause(wait_for=state)
         checkpointer.save(step, state.checkpoint_items(), train_iter)
       timer.resume()
       if preempted:

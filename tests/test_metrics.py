@@ -118,3 +118,19 @@ def test_progress_bar_notes_stay_on_their_own_line():
   assert term.getvalue() == ("\rstep  5/10 loss 2.000 tok/s 100\x1b[K\n"
                              "step 5: validation loss 2.1000, perplexity 8.17\n"
                              "\rstep 10/10 loss 1.000 tok/s 100\x1b[K\n")
+
+
+def test_resumed_writers_replace_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+  writer = metrics.create_writers(tmp_path, process_index=0, resume_step=0)
+  for step in (1, 2, 3, 4):
+    writer.write_scalars(step, {"train/loss": float(step)})
+  writer.close()
+  # Interrupted after step 4, resumed from the checkpoint of step 2: steps 3 and 4 again.
+  writer = metrics.create_writers(tmp_path, process_index=0, resume_step=2)
+  for step in (3, 4, 5):
+    writer.write_scalars(step, {"train/loss": 10.0 * step})
+  writer.close()
+  expected = [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+  assert _read_tensorboard(tmp_path / "tensorboard") == {"train/loss": expected}
+  records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["train/loss"]) for r in records] == expected

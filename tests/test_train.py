@@ -189,6 +189,10 @@ def test_resume_is_bitwise_exact(ptb_dir, uninterrupted, tmp_path):
   for step in (4, 5, 6):
     assert both[step] == full[step], step
   assert resumed["eval/loss"] == full_result["eval/loss"]
+  accumulator = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  accumulator.Reload()
+  logged = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+  assert logged == [(step, np.float32(both[step])) for step in range(1, 7)]
 
 
 def test_rerun_of_a_finished_run_only_evaluates(ptb_dir, uninterrupted):
