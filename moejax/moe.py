@@ -262,7 +262,11 @@ class MoeLayer(nnx.Module):
     losses, metrics = stats.summarize()
     aux_loss = (cfg.router.load_balancing_loss_weight * losses["load_balancing_loss"] +
                 cfg.router.z_loss_weight * losses["router_z_loss"])
-    return y_TM.reshape(B, L, M), MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
+    # Give y the input's layout: splitting T back into (B, L) is otherwise ambiguous on an
+    # Explicit mesh (with expert=1 it could put L over the expert axis).
+    out_sharding = None if mesh.empty else jax.typeof(x_BLM).sharding
+    y_BLM = jnp.reshape(y_TM, (B, L, M), out_sharding=out_sharding)
+    return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
 
   def _random_inputs(self, num_tokens: int, train: bool, mesh):
     """Router jitter, GShard policy draws and the expert-dropout mask for one call.

@@ -155,13 +155,7 @@ def test_unknown_layout_names_the_choices():
 
 # Layouts on which training fails today, with the reason; the test expects the failure and says
 # so, and fails ("DID NOT RAISE") once it is fixed, so that the entry gets removed.
-KNOWN_FAILURES = {
-    "data_parallel": (
-        "moejax/moe.py MoeLayer.__call__ returns y_TM.reshape(B, L, M): on an Explicit mesh with "
-        "expert=1 JAX lays B over 'data' and L over 'expert', and model.py's residual add "
-        "x_BLM + y_BLM ((('data', 'expert'), None, None) vs ('data', 'expert', None)) raises "
-        "ShardingTypeError; the fix reshapes with out_sharding=jax.typeof(x_BLM).sharding"),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _batches(num: int, batch_size: int = 8, seq_len: int = 16, vocab: int = 512):
