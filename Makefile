@@ -8,7 +8,7 @@ WORKDIR ?= runs/switch_small
 CONFIG ?= experiments/switch_small.py
 PYTEST_ARGS ?=
 
-.PHONY: venv train test bench clean
+.PHONY: venv train test bench bench-train compare clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/train_speed.py
+
+STEPS ?= 250
+compare: $(STAMP)
+	$(PY) experiments/compare.py --steps $(STEPS) --workdir_root runs/compare
 
 clean:
 	rm -rf $(VENV) runs
