@@ -18,6 +18,7 @@ loop asks `flag.should_stop()` after each step, saves and returns, so the proces
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -36,7 +37,10 @@ class Checkpointer:
   """Saves and restores (train state, data iterator) under `directory`, keeping the newest few."""
 
   def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int = 3):
-    self.directory = epath.Path(directory)
+    directory = epath.Path(directory)
+    if "://" not in str(directory):  # Orbax needs an absolute local path (gs:// is one already)
+      directory = epath.Path(os.path.abspath(directory))
+    self.directory = directory
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -131,3 +131,18 @@ def test_preemption_flag_records_sigterm_and_restores_the_handler():
     os.kill(os.getpid(), signal.SIGTERM)
     assert flag.requested and flag.should_stop()
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_relative_checkpoint_directory_saves_and_restores(tmp_path, monkeypatch):
+  """`make train` passes a relative workdir; Orbax alone rejects relative paths."""
+  monkeypatch.chdir(tmp_path)
+  tree = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "step": jnp.int32(7)}
+  checkpointer = checkpoint.Checkpointer("runs/relative/checkpoints")
+  assert checkpointer.directory == checkpoint.epath.Path(tmp_path / "runs/relative/checkpoints")
+  assert checkpointer.save(7, tree)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(7, checkpoint.abstract_like(tree))
+  checkpointer.close()
+  np.testing.assert_array_equal(restored["w"], tree["w"])
+  assert int(restored["step"]) == 7
+  assert (tmp_path / "runs/relative/checkpoints/7").is_dir()
