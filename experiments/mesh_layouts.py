@@ -26,10 +26,6 @@ routing group (one sequence) never span devices, so training losses agree across
 float32 rounding (tests/test_layouts.py compares the tiny variant's first steps with one device:
 within one ulp). A full run was not timed here; it should end close to switch_small's result
 (validation perplexity 173.0 after 250 steps), more slowly on 8 simulated devices of a 2-core CPU.
-
-Known issue: data_parallel, like any mesh with expert=1 on several devices, stops at the first
-training step with a ShardingTypeError from MoeLayer's output reshape (KNOWN_FAILURES in
-tests/test_layouts.py); its parameter layout is right.
 """
 
 from experiments import switch_small

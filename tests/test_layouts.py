@@ -153,11 +153,6 @@ def test_unknown_layout_names_the_choices():
 
 # ----------------------------------------------------------------------------- the trainer
 
-# Layouts on which training fails today, with the reason; the test expects the failure and says
-# so, and fails ("DID NOT RAISE") once it is fixed, so that the entry gets removed.
-KNOWN_FAILURES: dict[str, str] = {}
-
-
 def _batches(num: int, batch_size: int = 8, seq_len: int = 16, vocab: int = 512):
   """Fixed random token batches; the last row's final 5 targets are padding."""
   rng = np.random.default_rng(0)
@@ -203,15 +198,11 @@ def test_trainer_shardings_match_the_goldens_and_losses_match_one_device(layout,
 
   Losses: the layouts sum the same float32 numbers in other orders (token-shard reductions, F
   split over "model"), so they agree with one device to a few ulps; rtol 1e-6 (measured: at most
-  7e-8, i.e. one ulp, once the failure in KNOWN_FAILURES is fixed).
+  7e-8 relative, i.e. one ulp).
   """
   experiment = _experiment(f"{layout}:tiny")
   mesh = sharding.make_mesh(experiment.mesh)
   check = lambda state: _check_golden_shardings(layout, state.params, mesh)
-  if layout in KNOWN_FAILURES:
-    with pytest.raises(Exception, match="incompatible shardings for broadcasting"):
-      _train_losses(experiment, mesh, check)
-    pytest.xfail(KNOWN_FAILURES[layout])
   losses = _train_losses(experiment, mesh, check)
   np.testing.assert_allclose(losses, one_device_losses, rtol=1e-6)
   assert losses[0] != losses[1]  # the update changed the model

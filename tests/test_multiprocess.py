@@ -1,0 +1,366 @@
+"""Multi-process training on one machine: 2 processes x 4 CPU devices against 1 process x 8.
+
+Every run is the tiny switch_small (M=32, L=16, 2 layers, 8 experts, global batch 8) on the PTB
+fixture, with the expert axis over all 8 devices (`mesh.data=1, mesh.expert=8`), so each MoE
+layer's all-to-alls cross between the two processes. Checked:
+
+  (a, b) a `launch/local.sh 2` run and a single process with 8 simulated devices log the same
+         per-step losses (see `LOSS_RTOL` for why not bit for bit) on the same global batches;
+  (c)    the 2-process run checkpoints, and rerun with more steps resumes at the next step, with
+         the single process's losses (slow: about a minute more);
+  (d)    the compiled train step's all-to-alls have replica groups holding devices of both
+         processes (a 2-process worker, this file run as a script, reads the compiled HLO);
+  (e)    SIGKILL of process 1 mid-run makes process 0 exit non-zero with a clear error within 2
+         minutes, and a rerun resumes from the last checkpoint (slow: 2-3 minutes).
+
+Runs are subprocesses under timeouts (the process group is killed when one expires). The
+learning-rate schedule is pinned (`optimizer.decay_steps`) so that runs of different lengths
+share it. A persistent compilation cache in the test's tmp directory spares repeated compiles.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+DECAY_STEPS = 20
+# Losses of the 2-process run against the single process: relative 1e-6 (about 12 float32 ulps
+# at a loss of 6). Not bitwise: the all-reduces of the loss and the gradients add the same
+# per-device partial sums in another order when they cross processes (gloo combines the two
+# processes' partial sums; one process reduces its 8 devices in its own order). Measured: 0 or 1
+# ulp per step (4.8e-7 absolute at a loss near 6), not growing over 6 steps.
+LOSS_RTOL = 1e-6
+RUN_TIMEOUT_S = 300
+
+
+def _tiny_flags(data_dir: str, workdir: pathlib.Path, num_steps: int, *extra: str) -> list[str]:
+  return ["--config=experiments/switch_small.py:tiny", f"--workdir={workdir}",
+          "--config.data.name=ptb", f"--config.data.data_dir={data_dir}",
+          "--config.mesh.data=1", "--config.mesh.expert=8",
+          f"--config.train.num_steps={num_steps}", "--config.train.eval_batches=1",
+          f"--config.optimizer.decay_steps={DECAY_STEPS}", *extra]
+
+
+def _env(tmp: pathlib.Path, **extra: str) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MOEJAX_", "JAX_", "XLA_"))}  # conftest's 8 devices are not theirs
+  env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(extra)
+  return env
+
+
+def _start(cmd: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen:
+  """Starts `cmd` in its own process group, stdout and stderr to `log`."""
+  with log.open("w") as out:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> int:
+  """Waits for `proc`; past `timeout` kills its whole process group and fails the test."""
+  try:
+    return proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pytest.fail(f"{proc.args[:2]} ran past {timeout} s and was killed")
+
+
+def _launch_two(tmp: pathlib.Path, name: str, flags: list[str]) -> subprocess.Popen:
+  """`launch/local.sh 2 FLAGS` (process 0's output in tmp/NAME.log, process 1's in
+  tmp/NAME_logs/process_1.log)."""
+  env = _env(tmp, MOEJAX_LOG_DIR=str(tmp / f"{name}_logs"))
+  return _start(["bash", "launch/local.sh", "2", *flags], env, tmp / f"{name}.log")
+
+
+def _run_two(tmp: pathlib.Path, name: str, flags: list[str]) -> str:
+  proc = _launch_two(tmp, name, flags)
+  status = _finish(proc, RUN_TIMEOUT_S)
+  output = (tmp / f"{name}.log").read_text()
+  assert status == 0, f"2-process run {name} exited {status}:\n{output[-3000:]}"
+  return output
+
+
+def _run_one(tmp: pathlib.Path, name: str, flags: list[str]) -> str:
+  env = _env(tmp, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = _start([sys.executable, "-m", "moejax.main", *flags], env, tmp / f"{name}.log")
+  status = _finish(proc, RUN_TIMEOUT_S)
+  output = (tmp / f"{name}.log").read_text()
+  assert status == 0, f"1-process run {name} exited {status}:\n{output[-3000:]}"
+  return output
+
+
+def _records(workdir: pathlib.Path, filename: str = "metrics.jsonl") -> dict[int, dict]:
+  lines = (workdir / filename).read_text().splitlines()
+  records = [json.loads(line) for line in lines if line.strip()]
+  return {r["step"]: r for r in records}
+
+
+def _assert_losses_match(records: dict[int, dict], reference: dict[int, dict]) -> None:
+  steps = sorted(records)
+  print("|loss - 1-process loss| by step:",
+        {s: abs(records[s]["train/loss"] - reference[s]["train/loss"]) for s in steps})
+  assert set(steps) <= set(reference)
+  # Same global batches: the same number of real target tokens, exactly.
+  assert [records[s]["train/target_tokens"] for s in steps] == [
+      reference[s]["train/target_tokens"] for s in steps]
+  for key in ("train/loss", "train/cross_entropy"):
+    np.testing.assert_allclose([records[s][key] for s in steps],
+                               [reference[s][key] for s in steps], rtol=LOSS_RTOL, err_msg=key)
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("multiprocess")
+
+
+@pytest.fixture(scope="module")
+def ptb_dir(tmp) -> str:
+  from moejax.data import corpora  # pylint: disable=g-import-not-at-top
+  data_dir = tmp / "ptb"
+  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
+  return str(data_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp, ptb_dir) -> dict[int, dict]:
+  """One process, 8 simulated devices, 10 uninterrupted steps."""
+  workdir = tmp / "one_process"
+  _run_one(tmp, "one_process", _tiny_flags(ptb_dir, workdir, 10))
+  return _records(workdir)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp, ptb_dir):
+  """A 2-process run of 3 steps; it checkpoints at its last step."""
+  workdir = tmp / "two_processes"
+  _run_two(tmp, "first", _tiny_flags(ptb_dir, workdir, 3))
+  return dict(workdir=workdir, records=_records(workdir))
+
+
+def test_two_processes_match_one_process(two_processes, reference):
+  records = two_processes["records"]
+  assert sorted(records) == [1, 2, 3]
+  _assert_losses_match(records, reference)
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_from_its_checkpoint(tmp, ptb_dir, two_processes, reference):
+  """The same command with 6 steps restores step 3 and trains steps 4-6 only.
+
+  The first run's metrics.jsonl is moved aside first, so the rerun's file holds exactly the
+  steps the rerun trained.
+  """
+  workdir = two_processes["workdir"]
+  assert _checkpoint_steps(workdir) == [3]
+  (workdir / "metrics.jsonl").rename(workdir / "first.jsonl")
+  _run_two(tmp, "rerun", _tiny_flags(ptb_dir, workdir, 6))
+  assert _checkpoint_steps(workdir) == [3, 6]
+  rerun = _records(workdir)
+  assert sorted(rerun) == [4, 5, 6]  # it restored step 3 and trained on from step 4
+  _assert_losses_match(rerun, reference)  # the same steps as an uninterrupted run
+
+
+# ----------------------------------------------------------------------------- compiled HLO
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def replica_groups(text: str) -> list[list[list[int]]]:
+  """The replica groups of every all-to-all in compiled HLO text.
+
+  Reads the explicit form `replica_groups={{0,1},{2,3}}` and the iota form
+  `replica_groups=[2,2]<=[4]` / `[2,2]<=[2,2]T(1,0)`.
+  """
+  out = []
+  for line in text.splitlines():
+    if not re.search(r"\ball-to-all(-start)?\(", line):
+      continue
+    explicit = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
+    iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if explicit:
+      out.append([[int(i) for i in g.split(",") if i]
+                  for g in re.findall(r"\{([\d,]*)\}", explicit.group(1))])
+    elif iota:
+      shape = [int(i) for i in iota.group(1).split(",")]
+      dims = [int(i) for i in iota.group(2).split(",")]
+      ids = np.arange(int(np.prod(dims))).reshape(dims)
+      if iota.group(3):
+        ids = ids.transpose([int(i) for i in iota.group(3).split(",")])
+      out.append(ids.reshape(shape).tolist())
+    else:
+      raise AssertionError(f"an all-to-all without readable replica_groups: {line[:300]}")
+  return out
+
+
+def test_replica_group_forms():
+  hlo = ("%a = (f32[1,2]) all-to-all(f32[1,2] %x), channel_id=1, replica_groups={{0,1},{2,3}}, "
+         "dimensions={0}\n"
+         "%b = f32[4] all-to-all(f32[4] %y), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0)\n"
+         "%c = f32[4] all-reduce(f32[4] %z), replica_groups={{0,1,2,3}}\n"
+         "%d = f32[8] all-to-all(f32[8] %w), replica_groups=[1,8]<=[8], dimensions={0}\n")
+  assert replica_groups(hlo) == [[[0, 1], [2, 3]], [[0, 2], [1, 3]], [list(range(8))]]
+
+
+def _hlo_worker(out_path: str) -> None:
+  """Run as a script, once per process: join, and on process 0 compile the trainer's train step
+  on the (data=1, expert=8) mesh and write its all-to-all replica groups and the device layout."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from experiments import switch_small  # pylint: disable=g-import-not-at-top
+  from moejax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from moejax import distributed, sharding, train  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_threefry_partitionable", True)
+  distributed.initialize()  # from MOEJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+  if jax.process_index() != 0:
+    return  # process 1 lends its devices; jax.distributed's shutdown waits for process 0
+  config = switch_small.get_config("tiny")
+  config.mesh.update(data=1, expert=8)
+  experiment = config_lib.experiment_config_from(config)
+  mesh = sharding.make_mesh(experiment.mesh)
+  batch_spec = sharding.logical_to_spec(("batch", None), experiment.sharding_rules)
+  with jax.set_mesh(mesh):
+    # The trainer's state, abstractly (no initialisation to compile); scalars without a
+    # sharding in their type (the optimizer's step count) are replicated, as in the trainer.
+    abstract = jax.eval_shape(lambda: train.create_train_state(experiment.model, experiment, mesh))
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, x.sharding.spec if x.sharding is not None else P())), abstract)
+    train_fn, _ = train.compile_steps(state, mesh, batch_spec)
+    rows = (experiment.train.batch_size, experiment.data.seq_len)
+    batch_sharding = NamedSharding(mesh, batch_spec)
+    batch = {"inputs": jax.ShapeDtypeStruct(rows, "int32", sharding=batch_sharding),
+             "targets": jax.ShapeDtypeStruct(rows, "int32", sharding=batch_sharding),
+             "mask": jax.ShapeDtypeStruct(rows, "bool", sharding=batch_sharding)}
+    compiled = train_fn.lower(state, batch).compile()
+  text = compiled.as_text()
+  pathlib.Path(out_path).with_suffix(".hlo.txt").write_text(text)
+  pathlib.Path(out_path).write_text(json.dumps({
+      # jit's device assignment is the mesh's devices in row-major order: the HLO's partition i
+      # (the numbers in replica_groups) runs on mesh.devices.flat[i].
+      "mesh_devices": [[d.id, d.process_index] for d in mesh.devices.flat],
+      "executable_local_devices": [d.id for d in compiled.runtime_executable().local_devices()],
+      "process_count": jax.process_count(),
+      "all_to_all_groups": replica_groups(text),
+  }))
+
+
+def test_all_to_alls_of_the_train_step_span_both_processes(tmp):
+  out = tmp / "hlo_worker.json"
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = _env(tmp, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2",
+               MOEJAX_PROCESS_ID=str(i), PYTHONPATH=str(REPO))
+    procs.append(_start([sys.executable, __file__, "hlo-worker", str(out)], env,
+                        tmp / f"hlo_worker_{i}.log"))
+  statuses = [_finish(p, 240) for p in procs]
+  logs = [(tmp / f"hlo_worker_{i}.log").read_text()[-2000:] for i in range(2)]
+  assert statuses == [0, 0], logs
+  result = json.loads(out.read_text())
+  assert result["process_count"] == 2
+  process_of = [process for _, process in result["mesh_devices"]]
+  assert sorted(process_of) == [0, 0, 0, 0, 1, 1, 1, 1]
+  assert result["executable_local_devices"] == [
+      device for device, process in result["mesh_devices"] if process == 0]
+  groups = result["all_to_all_groups"]
+  # Forward and backward of the one MoE layer: 2 + 2 all-to-alls at least, each over all 8
+  # partitions, i.e. the 4 devices of process 0 and the 4 of process 1.
+  assert len(groups) >= 4, groups
+  for group_list in groups:
+    assert group_list == [list(range(8))] or [sorted(g) for g in group_list] == [list(range(8))]
+    assert {process_of[i] for i in group_list[0]} == {0, 1}
+
+
+# ----------------------------------------------------------------------------- a dying process
+
+
+# Process 0's error when process 1 dies: either its next collective fails at once (gloo: "Read
+# error ... Connection reset by peer") and the exit then waits for jax.distributed's shutdown,
+# or it waits inside a collective until the coordination service misses process 1's heartbeats
+# ("The following tasks are unhealthy (stopped sending heartbeats)", "Task 1 heartbeat timeout")
+# and terminates it.
+ERROR_PATTERN = r"Connection reset by peer|Connection closed by peer|heartbeat"
+
+
+def _children(pid: int) -> list[int]:
+  out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+                       text=True, check=True).stdout
+  return [int(line.split()[0]) for line in out.splitlines() if "moejax.main" in line]
+
+
+@pytest.mark.slow
+def test_killed_process_stops_the_run_and_a_rerun_resumes(tmp, ptb_dir, reference):
+  workdir = tmp / "killed"
+  flags = _tiny_flags(ptb_dir, workdir, 1000, "--config.train.checkpoint_every=2")
+  launcher = _launch_two(tmp, "killed", flags)
+  log = tmp / "killed.log"
+  try:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (workdir / "checkpoints" / "2").is_dir():
+      assert launcher.poll() is None, log.read_text()[-3000:]
+      assert time.monotonic() < deadline, "no checkpoint 2 in time"
+      time.sleep(0.2)
+    pids = _children(launcher.pid)
+    assert len(pids) == 2, pids
+    killed_at = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)  # launch/local.sh starts process 0 first, then process 1
+    first_error_s = None
+    while launcher.poll() is None and time.monotonic() - killed_at < 150:
+      if first_error_s is None and re.search(ERROR_PATTERN, log.read_text()):
+        first_error_s = time.monotonic() - killed_at
+      time.sleep(0.2)
+    exit_s = time.monotonic() - killed_at
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+      launcher.wait()
+  output = log.read_text()
+  print(f"after SIGKILL of process 1: first error after {first_error_s} s, launcher exited "
+        f"after {exit_s:.1f} s with status {launcher.returncode}")
+  match = re.search(r"process 0 exited with status (\d+)", output)
+  assert match and int(match.group(1)) != 0, output[-3000:]
+  assert exit_s < 120
+  # The error says what happened: the peer's connection or its heartbeat is gone.
+  assert re.search(ERROR_PATTERN, output), output[-3000:]
+
+  latest = _checkpoint_steps(workdir)[-1]
+  assert latest >= 2
+  (workdir / "metrics.jsonl").rename(workdir / "killed.jsonl")
+  _run_two(tmp, "after_kill", _tiny_flags(ptb_dir, workdir, latest + 2,
+                                          "--config.train.checkpoint_every=2"))
+  rerun = _records(workdir)
+  assert sorted(rerun) == [latest + 1, latest + 2]
+  _assert_losses_match({s: r for s, r in rerun.items() if s in reference}, reference)
+
+
+if __name__ == "__main__":
+  if sys.argv[1:2] == ["hlo-worker"]:
+    _hlo_worker(sys.argv[2])
+  else:
+    sys.exit(f"usage: {sys.argv[0]} hlo-worker OUT.json")
