@@ -56,6 +56,10 @@ class DistributedConfig:
         num_processes=_int_or_none(env.get("MOEJAX_NUM_PROCESSES"), "MOEJAX_NUM_PROCESSES"),
         process_id=_int_or_none(env.get("MOEJAX_PROCESS_ID"), "MOEJAX_PROCESS_ID"),
     )
+    heartbeat = _int_or_none(env.get("MOEJAX_HEARTBEAT_TIMEOUT_SECONDS"),
+                             "MOEJAX_HEARTBEAT_TIMEOUT_SECONDS")
+    if heartbeat is not None:
+      values["heartbeat_timeout_seconds"] = heartbeat
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 

@@ -10,6 +10,11 @@ With several processes (`launch/local.sh`, SLURM, a TPU pod) every process runs 
 command; `moejax.distributed.initialize` joins them into one JAX runtime first.
 """
 
+import os
+import sys
+import traceback
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,8 +32,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax and TFDS log every step of saving and building at INFO; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize()  # several processes (launch/, SLURM, TPU pods); else nothing
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  joined = distributed.initialize()  # several processes (launch/, SLURM, TPU pods); else nothing
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Exception:  # pylint: disable=broad-except
+    if not joined:
+      raise
+    # A peer's death often surfaces here; jax.distributed's shutdown would wait for it until its
+    # heartbeat times out and then abort, so report and leave at once.
+    traceback.print_exc()
+    print(f"moejax: process {jax.process_index()} failed; exiting now.", file=sys.stderr,
+          flush=True)
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
