@@ -8,9 +8,24 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402  (must follow the environment set-up above)
+import pytest  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+@pytest.fixture(scope="module")
+def compile_once(tmp_path_factory):
+  """A persistent compilation cache shared by the modules that use it (training runs compile the
+  same programs again and again); yields its directory, for subprocesses to share it too."""
+  cache_dir = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+  jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import switch_small
@@ -20,16 +19,7 @@ from moejax.data import corpora
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-  """Runs here repeat programs compiled elsewhere in the session: a persistent cache reuses them."""
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_once")
 
 
 @pytest.fixture(scope="module")

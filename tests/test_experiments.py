@@ -4,10 +4,8 @@ import importlib
 import math
 import pathlib
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from moejax import config as config_lib, metrics, train
 from moejax.data import corpora
@@ -17,16 +15,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-  """Shares compiled programs with the other modules' runs through a persistent cache."""
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_once")
 
 
 def _get_config(name, arg=None):

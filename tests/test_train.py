@@ -19,7 +19,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -34,16 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-  """Several runs here compile identical programs: a persistent cache compiles them once."""
-  cache_dir = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-  jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.reset_cache()
-  yield cache_dir
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_once")
 
 
 @pytest.fixture(scope="module")
