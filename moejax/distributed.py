@@ -74,12 +74,27 @@ def _int_or_none(value: str | None, name: str) -> int | None:
 
 
 def cluster_detected() -> bool:
-  """True on a multi-process SLURM job or a multi-host TPU slice."""
+  """True on a multi-process SLURM job or a Cloud TPU slice (GCE TPU VMs or GKE)."""
   env = os.environ
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
     return True
   hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return True
+  return _jax_detects_tpu_cluster()
+
+
+def _jax_detects_tpu_cluster() -> bool:
+  """Asks JAX's own cluster detection (TPU VMs publish their workers through the metadata
+  server, not the environment). A single-host slice also answers True; initialising there is
+  harmless (one process)."""
+  try:
+    from jax._src.clusters import ClusterEnv  # pylint: disable=import-outside-toplevel
+  except ImportError:  # the detection moved: rely on the explicit MOEJAX_* settings
+    return False
+  tpu_envs = [e for e in ClusterEnv._cluster_types  # pylint: disable=protected-access
+              if "Tpu" in e.__name__ and not getattr(e, "opt_in_only_method", False)]
+  return any(e.is_env_present() for e in tpu_envs)
 
 
 def initialize(config: DistributedConfig | None = None) -> bool:
