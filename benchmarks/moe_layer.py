@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import re
 import statistics
 import sys
@@ -29,6 +30,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+
+# This checkout's moejax, whatever the environment has installed.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from moejax import sharding  # noqa: E402
 from moejax.moe import MoeConfig, MoeLayer  # noqa: E402
@@ -90,12 +94,20 @@ def _dense_step(args):
 
 
 def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per call; repetitions interleaved so drift hits every candidate alike."""
+  """Median seconds per call, in rounds that visit every candidate, so drift hits all alike.
+
+  In each round a candidate runs twice back to back and only the second call is timed: that is
+  the steady state of a training loop, where a step follows the same step. Timing a call right
+  after a different program instead charges it for that program's leftovers (allocator and cache
+  state); on the 2-core CPU that moved the index/dense ratio by up to 0.05 depending on which
+  candidate ran before.
+  """
   for fn in fns.values():  # compile and warm up
     jax.block_until_ready(fn())
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      jax.block_until_ready(fn())
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)

@@ -111,6 +111,7 @@ class JsonlWriter:
     record = {"step": int(step)}
     record.update({k: _json_number(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + "\n")
+    self._file.flush()  # one line per logged step: readable (tail -f) while the run goes on
 
   def flush(self) -> None:
     self._file.flush()

@@ -51,6 +51,8 @@ def test_jsonl_one_object_per_step_and_resume_drops_later_steps(tmp_path):
   writer = metrics.JsonlWriter(path)
   for step in (1, 2, 3, 4):
     writer.write_scalars(step, {"train/loss": 1.0 / step})
+    # Each record is on disk as soon as it is written (a running job can be followed).
+    assert metrics.read_jsonl(path)[-1] == {"step": step, "train/loss": 1.0 / step}
   writer.close()
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
   # A run resumed from the checkpoint of step 2 rewrites steps 3 and 4.
