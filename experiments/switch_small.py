@@ -14,8 +14,8 @@ Run time on the 2-core x86_64 development machine (AMD EPYC, otherwise idle): 4 
 end from an empty data directory (dataset and tokenizer build about 5 s, compilation about 30 s,
 250 steps at about 2.3-2.7k tokens/s, three evaluations of 16 batches, two checkpoints).
 
-Expected result (seed 0, deterministic on CPU): validation loss 5.153, perplexity 173.0 after
-250 steps; every expert in use (loads between 0.07 and 0.21 of the assignments, uniform 0.125),
+Expected result (seed 0, deterministic on CPU): validation loss 5.154, perplexity 173.2 after
+250 steps; every expert in use (loads between 0.04 and 0.18 of the assignments, uniform 0.125),
 under 1% of validation tokens dropped. The workdir then holds checkpoints/{125,250},
 metrics.jsonl and TensorBoard events (`tensorboard --logdir runs/switch_small/tensorboard`).
 Rerunning the command resumes (or, when finished, re-evaluates); SIGTERM saves and exits 0.
