@@ -96,11 +96,8 @@ def _dense_step(args):
 def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
   """Median seconds per call, in rounds that visit every candidate, so drift hits all alike.
 
-  In each round a candidate runs twice back to back and only the second call is timed: that is
-  the steady state of a training loop, where a step follows the same step. Timing a call right
-  after a different program instead charges it for that program's leftovers (allocator and cache
-  state); on the 2-core CPU that moved the index/dense ratio by up to 0.05 depending on which
-  candidate ran before.
+  In each round a candidate runs twice back to back and only the second call is timed, so every
+  timed call follows a call of the same program, as a step does in a training loop.
   """
   for fn in fns.values():  # compile and warm up
     jax.block_until_ready(fn())

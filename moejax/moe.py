@@ -161,11 +161,7 @@ def _sum_to_varying_axes_of(primal, cotangent):
 
 def _varying_axes(a) -> frozenset:
   """The manual mesh axes along which `a` varies inside shard_map (empty outside)."""
-  aval = jax.typeof(a)
-  mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # earlier releases
+  return frozenset(jax.typeof(a).manual_axis_type.varying)
 
 
 _project_in.defvjp(_project_in_fwd, _project_in_bwd)
