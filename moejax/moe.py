@@ -131,8 +131,8 @@ def _project_in(x_RM: jax.Array, w_MF: jax.Array) -> jax.Array:
   XLA's CPU backend otherwise turns dW = x^T g into a dot contracting the operands' leading
   dimension and transposes g (R x F, the larger operand) for it. Transposing x (R x M) instead
   and issuing a plain row-major matmul runs the expert weight gradient about 1.2x faster on this
-  CPU for the expert shapes of benchmarks/moe_layer.py. Used by the per-expert loops, which only
-  `ExpertLoop.AUTO` picks on CPU; the numbers are those of plain autodiff.
+  CPU for the expert shapes of benchmarks/moe_layer.py. Used by `ExpertLoop.SCAN` (the unrolled
+  loop's hand-written backward does the same); the numbers are those of plain autodiff.
   """
   return x_RM @ w_MF
 
@@ -167,6 +167,15 @@ def _varying_axes(a) -> frozenset:
 _project_in.defvjp(_project_in_fwd, _project_in_bwd)
 
 
+def _hidden(h_RF, gate_RF, keep_RF, *, activation: Activation, dropout_rate: float):
+  """An expert's hidden activations from its input projections, with expert dropout."""
+  a_RF = _activation(activation, h_RF, gate_RF)
+  if keep_RF is not None:
+    scale = jnp.asarray(1.0 / (1.0 - dropout_rate), a_RF.dtype)
+    a_RF = jnp.where(keep_RF, a_RF * scale, jnp.zeros_like(a_RF))
+  return a_RF
+
+
 def _one_expert(x_GCM, wi_MF, wo_FM, wg_MF, keep_GCF, *, activation: Activation,
                 dropout_rate: float, transpose_input_for_weight_grad: bool = False):
   """One expert's FFN over its capacity buffer."""
@@ -178,11 +187,101 @@ def _one_expert(x_GCM, wi_MF, wo_FM, wg_MF, keep_GCF, *, activation: Activation,
   else:
     h_GCF = jnp.einsum("GCM,MF->GCF", x_GCM, wi_MF)
     gate_GCF = None if wg_MF is None else jnp.einsum("GCM,MF->GCF", x_GCM, wg_MF)
-  h_GCF = _activation(activation, h_GCF, gate_GCF)
-  if keep_GCF is not None:
-    scale = jnp.asarray(1.0 / (1.0 - dropout_rate), h_GCF.dtype)
-    h_GCF = jnp.where(keep_GCF, h_GCF * scale, jnp.zeros_like(h_GCF))
-  return jnp.einsum("GCF,FM->GCM", h_GCF, wo_FM)
+  a_GCF = _hidden(h_GCF, gate_GCF, keep_GCF, activation=activation, dropout_rate=dropout_rate)
+  return jnp.einsum("GCF,FM->GCM", a_GCF, wo_FM)
+
+
+def _after(a, *deps):
+  """`a`, computed only once `deps` are: a real data dependency that orders independent work.
+
+  XLA's CPU runtime overlaps thunks that share no buffers (an optimization barrier does not
+  order them). Subtracting zero times a finite scalar read from each dependency leaves every
+  value of `a` bitwise unchanged (x - (+0.0) == x, signed zeros and NaNs included) but makes the
+  fusion that produces `a`, usually a slice copy made anyway, read the dependencies' buffers.
+  """
+  zero = jnp.zeros((), a.dtype)
+  for d in deps:
+    s = jnp.ravel(d)[0].astype(a.dtype)
+    zero = zero + jnp.abs(jnp.where(jnp.isfinite(s), s, 0)) * 0  # +0.0, whatever s is
+  return a - zero
+
+
+def _rows(a_EGCX, e):
+  """Expert e's capacity buffer as a matrix (G*C, X)."""
+  return None if a_EGCX is None else a_EGCX[e].reshape(-1, a_EGCX.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _experts_in_sequence(x_EGCM, wi_EMF, wo_EFM, wg_EMF, keep_EGCF, activation, dropout_rate):
+  """The local experts' FFNs, one 2-D matmul per expert, issued strictly one expert after another.
+
+  On CPU the runtime overlaps independent matmuls; each one already uses every core, so
+  overlapping them only makes them compete for cores and caches (in the layer's forward+backward,
+  overlapped expert matmuls ran at about 60% of the rate of one at a time). Chaining expert e's
+  work after expert e-1's, in the forward and in the hand-written backward, keeps one at a time.
+  The backward also forms each input-projection weight gradient as x^T @ g with x's (smaller)
+  transpose materialised, as `_project_in` does. The numbers are those of plain autodiff.
+  """
+  return _experts_in_sequence_fwd(x_EGCM, wi_EMF, wo_EFM, wg_EMF, keep_EGCF, activation,
+                                  dropout_rate)[0]
+
+
+def _experts_in_sequence_fwd(x_EGCM, wi_EMF, wo_EFM, wg_EMF, keep_EGCF, activation,
+                             dropout_rate):
+  E, G, C, M = x_EGCM.shape
+  ys, hs, gates = [], [], []
+  for e in range(E):
+    x_RM = _rows(x_EGCM, e)
+    if ys:
+      x_RM = _after(x_RM, ys[-1])
+    h_RF = x_RM @ wi_EMF[e]
+    gate_RF = None if wg_EMF is None else x_RM @ wg_EMF[e]
+    a_RF = _hidden(h_RF, gate_RF, _rows(keep_EGCF, e), activation=activation,
+                   dropout_rate=dropout_rate)
+    ys.append(a_RF @ wo_EFM[e])
+    hs.append(h_RF)
+    gates.append(gate_RF)
+  y_EGCM = jnp.stack(ys).reshape(E, G, C, M)
+  return y_EGCM, (x_EGCM, wi_EMF, wo_EFM, wg_EMF, keep_EGCF, hs, gates)
+
+
+def _experts_in_sequence_bwd(activation, dropout_rate, residuals, dy_EGCM):
+  x_EGCM, wi_EMF, wo_EFM, wg_EMF, keep_EGCF, hs, gates = residuals
+  E = x_EGCM.shape[0]
+  dxs, dwis, dwos, dwgs = [], [], [], []
+  prev = ()
+  for e in range(E):
+    dy_RM = _after(_rows(dy_EGCM, e), *prev)
+    x_RM, keep_RF = _rows(x_EGCM, e), _rows(keep_EGCF, e)
+    hidden = functools.partial(_hidden, keep_RF=keep_RF, activation=activation,
+                               dropout_rate=dropout_rate)
+    a_RF, hidden_vjp = jax.vjp(hidden, hs[e], gates[e])
+    dh_RF, dgate_RF = hidden_vjp(jnp.einsum("RM,FM->RF", dy_RM, wo_EFM[e]))
+    # dW = x^T g with x's (smaller) transpose materialised: a row-major matmul on CPU. The
+    # barrier keeps the transpose a real copy instead of letting it fold into the dot.
+    x_MR = jax.lax.optimization_barrier(x_RM.T)
+    dwi_MF = x_MR @ dh_RF
+    dwg_MF = None if wg_EMF is None else x_MR @ dgate_RF
+    done = (dwi_MF,) if dwg_MF is None else (dwi_MF, dwg_MF)
+    dx_RM = jnp.einsum("RF,MF->RM", dh_RF, wi_EMF[e])
+    if wg_EMF is not None:
+      dx_RM = dx_RM + jnp.einsum("RF,MF->RM", dgate_RF, wg_EMF[e])
+    dwo_FM = jnp.einsum("RF,RM->FM", a_RF, dy_RM)
+    dxs.append(dx_RM)
+    dwis.append(dwi_MF)
+    dwos.append(dwo_FM)
+    if dwg_MF is not None:
+      dwgs.append(dwg_MF)
+    prev = (dx_RM, dwo_FM) + done
+  dx_EGCM = jnp.stack(dxs).reshape(x_EGCM.shape)
+  grads = (dx_EGCM, jnp.stack(dwis), jnp.stack(dwos), jnp.stack(dwgs) if dwgs else None)
+  primals = (x_EGCM, wi_EMF, wo_EFM, wg_EMF)
+  grads = tuple(None if g is None else _sum_to_varying_axes_of(p, g)
+                for p, g in zip(primals, grads))
+  return grads + (None,)
+
+
+_experts_in_sequence.defvjp(_experts_in_sequence_fwd, _experts_in_sequence_bwd)
 
 
 def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation,
@@ -192,10 +291,10 @@ def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation,
 
   `loop` maps the one-expert FFN over the local experts: `BATCHED` as one batched matmul per
   weight (best on TPU/GPU); on CPU, where a batched matmul of E small problems runs slower than
-  the same FLOPs as one large one, `UNROLL` issues a 2-D matmul per expert (fastest: the compiler
-  lays out each one freely; benchmarks/moe_layer.py) and `SCAN` loops over them (compile time
-  independent of E); both compute the input projection's weight gradient with `_project_in`.
-  All give the same numbers.
+  the same FLOPs as one large one, `UNROLL` issues 2-D matmuls one expert after another
+  (`_experts_in_sequence`, fastest: benchmarks/moe_layer.py) and `SCAN` loops over the experts
+  (compile time independent of E; it computes the input projection's weight gradient with
+  `_project_in`). All give the same numbers.
   """
   num_local = x_EGCM.shape[0]
   if loop is ExpertLoop.AUTO:
@@ -211,8 +310,7 @@ def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation,
   elif loop is ExpertLoop.SCAN:
     y_EGCM = jax.lax.map(lambda a: fn(*a), args)
   else:
-    take = lambda a, e: None if a is None else a[e]
-    y_EGCM = jnp.stack([fn(*(take(a, e) for a in args)) for e in range(num_local)])
+    y_EGCM = _experts_in_sequence(*args, activation, dropout_rate)
   if model_axis is not None:
     # F is split over the model axis: each device holds a partial sum of the output.
     y_EGCM = jax.lax.psum(y_EGCM, model_axis)

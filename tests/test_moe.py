@@ -465,7 +465,7 @@ def test_bad_settings_raise_value_error_naming_field_value_and_allowed(make, mes
     make()
 
 
-@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_expert_loops_give_the_same_outputs_and_gradients(activation):
   """`expert_loop` only changes how the matmuls are issued: batched, scan and unroll agree."""
   from moejax.moe import Activation, ExpertLoop, expert_ffn
@@ -487,7 +487,8 @@ def test_expert_loops_give_the_same_outputs_and_gradients(activation):
 
   # Expert 1 by hand: relu/swiglu hidden, dropout mask and 1/(1-0.3) scale, output projection.
   h = x[1] @ wi[1]
-  h = jax.nn.silu(x[1] @ wg[1]) * h if activation == "swiglu" else jax.nn.relu(h)
+  h = {"relu": lambda: jax.nn.relu(h), "gelu": lambda: jax.nn.gelu(h),
+       "swiglu": lambda: jax.nn.silu(x[1] @ wg[1]) * h}[activation]()
   expected_1 = jnp.where(keep[1], h / 0.7, 0.0) @ wo[1]
   reference_y, reference_grads = run(ExpertLoop.BATCHED)
   np.testing.assert_allclose(reference_y[1], expected_1, rtol=1e-5, atol=1e-6)
@@ -496,3 +497,16 @@ def test_expert_loops_give_the_same_outputs_and_gradients(activation):
     np.testing.assert_allclose(y, reference_y, rtol=1e-5, atol=1e-6, err_msg=str(loop))
     for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
       np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6, err_msg=str(loop))
+
+
+def test_ordering_dependency_leaves_values_bitwise_unchanged():
+  """`_after` only adds a data dependency: every value, signed zeros and NaNs included, is kept."""
+  from moejax.moe import _after
+  a = jnp.array([1.5, -0.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, -3e-38, 7e30], jnp.float32)
+  for dep in (jnp.array([2.0]), jnp.array([-0.0]), jnp.array([jnp.nan, 1.0]),
+              jnp.array([-jnp.inf]), jnp.full((2, 3), 5.0, jnp.bfloat16)):
+    out = jax.jit(_after)(a, dep, dep * 2)
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(a).view(np.uint32))
+  b = a.astype(jnp.bfloat16)
+  out = jax.jit(_after)(b, jnp.array([jnp.nan]))
+  np.testing.assert_array_equal(np.asarray(out).view(np.uint16), np.asarray(b).view(np.uint16))
