@@ -37,7 +37,7 @@ bench: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) benchmarks/train_speed.py
 
-STEPS ?= 250
+STEPS ?= 500
 compare: $(STAMP)
 	$(PY) experiments/compare.py --steps $(STEPS) --workdir_root runs/compare
 

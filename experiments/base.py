@@ -1,9 +1,16 @@
 """Settings shared by the moejax experiments; each experiment file changes only what it studies.
 
 The three small experiments (`dense_small`, `switch_small`, `gshard_small`) share everything below:
-a 4-layer, M=256 decoder on the offline public-domain corpus (SentencePiece, 8192 pieces, L=128),
-AdamW with warm-up and cosine decay, the same batch and the same number of steps. Their FFNs differ
-but spend the same active FLOPs per token (checked in tests/test_experiments.py).
+a 4-layer, M=128 decoder on the offline public-domain corpus (SentencePiece, 2048 pieces, L=128),
+AdamW with warm-up and cosine decay, the same batch (32 x 128 tokens) and the same number of steps
+(500, about 2M training tokens). Their FFNs differ but spend the same active FLOPs per token
+(checked in tests/test_experiments.py).
+
+Why this size: an MoE layer adds parameters at constant FLOPs, which pays off only where the dense
+model is short of parameters for the tokens it sees. On a 2-core CPU a 5-minute run trains a few
+million tokens, so the model is kept small (about 0.8M parameters outside the embedding) and the
+batch large. A wider, shorter configuration (M=256, 8192 pieces, 16 x 128 tokens, 250 steps)
+left the dense model ahead of both MoE models: docs/compare_studies.md has those runs.
 
 Variants (`get_config("tiny")`): "tiny" shrinks the model, sequence and run for smoke tests
 (M=32, L=16, 2 layers, 4 steps); point `data.name`/`data.data_dir` at a small dataset to go with it.
@@ -24,12 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = ml_collections.ConfigDict(dict(
-      num_layers=4, model_dim=256, num_heads=4, head_dim=64, ffn_dim=1024, activation="relu",
+      num_layers=4, model_dim=128, num_heads=4, head_dim=32, ffn_dim=512, activation="relu",
       moe_every=0, dtype="float32", param_dtype="float32", dropout_rate=0.0, rope_base=10000.0,
       tie_embeddings=True))
 
   config.data = ml_collections.ConfigDict(dict(
-      name="moejax_public_domain", data_dir=config_dict.placeholder(str), vocab_size=8192,
+      name="moejax_public_domain", data_dir=config_dict.placeholder(str), vocab_size=2048,
       seq_len=128, shuffle_seed=0))
 
   # One CPU device: all sizes 1. On 8 devices: data=8; set expert=8 (or 4, 2) for expert
@@ -43,8 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
       clip_norm=1.0))
 
   config.train = ml_collections.ConfigDict(dict(
-      num_steps=250, batch_size=16, log_every=10, eval_every=125, eval_batches=16,
-      checkpoint_every=125, max_checkpoints=2, seed=0, progress=True))
+      num_steps=500, batch_size=32, log_every=25, eval_every=250, eval_batches=16,
+      checkpoint_every=250, max_checkpoints=2, seed=0, progress=True))
   return config
 
 
@@ -70,10 +77,11 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
   if arg not in VARIANTS:
     raise ValueError(f"config variant {arg!r} is not known; choose one of {VARIANTS} or none.")
   # "tiny": seconds on a CPU, for smoke tests.
-  config.model.update(num_layers=2, model_dim=32, num_heads=2, head_dim=16, ffn_dim=64)
-  if "moe" in config.model:
-    config.model.moe.ffn_dim = config.model.moe.ffn_dim // 16
+  tiny_ffn_dim = 64
+  if "moe" in config.model:  # experts keep their width relative to the dense FFN's
+    config.model.moe.ffn_dim = config.model.moe.ffn_dim * tiny_ffn_dim // config.model.ffn_dim
     config.model.moe.group_size = 16
+  config.model.update(num_layers=2, model_dim=32, num_heads=2, head_dim=16, ffn_dim=tiny_ffn_dim)
   config.data.update(seq_len=16, vocab_size=512)
   config.train.update(num_steps=4, batch_size=8, log_every=1, eval_every=0, eval_batches=2,
                       checkpoint_every=0, progress=False)

@@ -25,7 +25,7 @@ launch/local.sh N for N processes). The layouts compute the same function: the t
 routing group (one sequence) never span devices, so training losses agree across layouts to
 float32 rounding (tests/test_layouts.py compares the tiny variant's first steps with one device:
 within one ulp). A full run was not timed here; it should end close to switch_small's result
-(validation perplexity 173.2 after 250 steps), more slowly on 8 simulated devices of a 2-core CPU.
+(see its docstring), more slowly on 8 simulated devices of a 2-core CPU.
 """
 
 from experiments import switch_small

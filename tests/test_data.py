@@ -465,3 +465,16 @@ def test_dataset_errors(ptb_fixture, tmp_path):
   # Splitting global batches by rows works with more processes than documents.
   rows = data.train_iterator(config, tokenizer, batch_size=1, process_index=40, process_count=41)
   assert next(rows)["inputs"].shape == (1, config.seq_len)
+
+
+def test_tokenizer_file_write_is_atomic_and_tolerates_a_concurrent_writer(tmp_path):
+  """Two runs building the same tokenizer at once: both writes succeed, one whole file remains."""
+  from etils import epath
+  from moejax.data.pipeline import _write_atomically
+  path = epath.Path(tmp_path) / "moejax_spm_bpe_64.model"
+  (epath.Path(tmp_path) / "moejax_spm_bpe_64.model.incomplete").write_bytes(b"stale")
+  _write_atomically(path, b"first")
+  _write_atomically(path, b"second")
+  assert path.read_bytes() == b"second"
+  leftovers = sorted(p.name for p in epath.Path(tmp_path).iterdir())
+  assert leftovers == ["moejax_spm_bpe_64.model", "moejax_spm_bpe_64.model.incomplete"]

@@ -53,8 +53,8 @@ def test_routing_settings():
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_equal_active_ffn_flops_per_token(arg):
   flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in EXPERIMENTS}
-  # dense_small: 4 blocks x 2 matmuls x 2 FLOPs x M=256 x F=1024.
-  expected = 4 * 2 * 2 * 256 * 1024 if arg is None else 2 * 2 * 2 * 32 * 64
+  # dense_small: 4 blocks x 2 matmuls x 2 FLOPs x M=128 x F=512.
+  expected = 4 * 2 * 2 * 128 * 512 if arg is None else 2 * 2 * 2 * 32 * 64
   assert flops == dict.fromkeys(EXPERIMENTS, expected)
 
 

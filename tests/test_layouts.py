@@ -108,19 +108,19 @@ def test_golden_files_cover_exactly_the_layouts():
 
 
 def test_shard_shapes_by_hand():
-  """Shards worked out by hand for an MoE layer's wi (E=8, M=256, F=1024) and attention wq."""
+  """Shards worked out by hand for an MoE layer's wi (E=8, M=128, F=512) and attention wq."""
   shards = {layout: {path: shard for path, _, _, shard in _layout_table(layout)}
             for layout in LAYOUTS}
-  wi, wq = "blocks/1/ffn/wi", "blocks/1/attention/wq"  # wq: (M=256, H=4, D=64)
+  wi, wq = "blocks/1/ffn/wi", "blocks/1/attention/wq"  # wq: (M=128, H=4, D=32)
   assert {layout: shards[layout][wi] for layout in LAYOUTS} == {
-      "data_parallel": (8, 256, 1024),  # every expert everywhere
-      "expert_parallel": (1, 256, 1024),  # one expert per device
-      "expert_data": (2, 256, 1024),  # 8 experts over 4 expert shards
-      "expert_model": (2, 256, 512),  # ... and F halved over model=2
+      "data_parallel": (8, 128, 512),  # every expert everywhere
+      "expert_parallel": (1, 128, 512),  # one expert per device
+      "expert_data": (2, 128, 512),  # 8 experts over 4 expert shards
+      "expert_model": (2, 128, 256),  # ... and F halved over model=2
   }
   assert {layout: shards[layout][wq] for layout in LAYOUTS} == {
-      "data_parallel": (256, 4, 64), "expert_parallel": (256, 4, 64),
-      "expert_data": (256, 4, 64), "expert_model": (256, 2, 64)}  # heads over model=2
+      "data_parallel": (128, 4, 32), "expert_parallel": (128, 4, 32),
+      "expert_data": (128, 4, 32), "expert_model": (128, 2, 32)}  # heads over model=2
   # Without a model axis, every parameter but the MoE blocks' (1 and 3) experts is whole on
   # every device.
   experts = {f"blocks/{block}/ffn/{w}" for block in (1, 3) for w in ("wi", "wo")}

@@ -43,6 +43,8 @@ the whole eval split; `max_batches` bounds it.
 from __future__ import annotations
 
 import functools
+import os
+import uuid
 from typing import Any
 
 import grain
@@ -114,9 +116,15 @@ def _document_texts(source: Any, text_key: str):
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
-  partial = path.parent / f"{path.name}.incomplete"
+  """Writes `path` whole or not at all.
+
+  Two runs that start on one dataset at once may both build the same tokenizer (training is
+  deterministic, so the bytes agree): each writes its own partial file, and the last atomic
+  replace wins.
+  """
+  partial = path.parent / f"{path.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   partial.write_bytes(data)
-  partial.rename(path)
+  partial.replace(path)
 
 
 def prepare(config: DataConfig) -> Tokenizer:
