@@ -141,10 +141,18 @@ def _project_in_fwd(x_RM, w_MF):
   return x_RM @ w_MF, (x_RM, w_MF)
 
 
+def _materialized_transpose(x_RM):
+  """x^T as a real (small) copy, so that dW = x^T @ g is a row-major matmul on CPU.
+
+  The barrier keeps XLA from folding the transpose into the dot, which would bring back the dot
+  that transposes g instead.
+  """
+  return jax.lax.optimization_barrier(x_RM.T)
+
+
 def _project_in_bwd(residuals, g_RF):
   x_RM, w_MF = residuals
-  # The barrier keeps the transpose a real (small) copy instead of letting it fold into the dot.
-  x_MR = jax.lax.optimization_barrier(x_RM.T)
+  x_MR = _materialized_transpose(x_RM)
   dx_RM = jnp.einsum("RF,MF->RM", g_RF, w_MF)
   return _sum_to_varying_axes_of(x_RM, dx_RM), _sum_to_varying_axes_of(w_MF, x_MR @ g_RF)
 
@@ -257,9 +265,7 @@ def _experts_in_sequence_bwd(activation, dropout_rate, residuals, dy_EGCM):
                                dropout_rate=dropout_rate)
     a_RF, hidden_vjp = jax.vjp(hidden, hs[e], gates[e])
     dh_RF, dgate_RF = hidden_vjp(jnp.einsum("RM,FM->RF", dy_RM, wo_EFM[e]))
-    # dW = x^T g with x's (smaller) transpose materialised: a row-major matmul on CPU. The
-    # barrier keeps the transpose a real copy instead of letting it fold into the dot.
-    x_MR = jax.lax.optimization_barrier(x_RM.T)
+    x_MR = _materialized_transpose(x_RM)
     dwi_MF = x_MR @ dh_RF
     dwg_MF = None if wg_EMF is None else x_MR @ dgate_RF
     done = (dwi_MF,) if dwg_MF is None else (dwi_MF, dwg_MF)
