@@ -19,54 +19,55 @@ Variants (`get_config("tiny")`): "tiny" shrinks the model, sequence and run for 
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
-from moejax import sharding
+from moejax.config import default_config
 
 VARIANTS = ("tiny",)
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The shared base: a dense model (`model.moe_every = 0`) without MoE settings."""
-  config = ml_collections.ConfigDict()
+  """The shared base: a dense model (`model.moe_every = 0`); MoE fields stay at their defaults.
 
-  config.model = ml_collections.ConfigDict(dict(
+  It starts from `moejax.config.default_config()`, which holds every typed field, so any field
+  can be overridden on the command line whether or not it is set here.
+  """
+  config = default_config()
+
+  config.model.update(
       num_layers=4, model_dim=128, num_heads=4, head_dim=32, ffn_dim=512, activation="relu",
       moe_every=0, dtype="float32", param_dtype="float32", dropout_rate=0.0, rope_base=10000.0,
-      tie_embeddings=True))
+      tie_embeddings=True)
 
-  config.data = ml_collections.ConfigDict(dict(
-      name="moejax_public_domain", data_dir=config_dict.placeholder(str), vocab_size=2048,
-      seq_len=128, shuffle_seed=0))
+  config.data.update(name="moejax_public_domain", vocab_size=2048, seq_len=128, shuffle_seed=0)
 
   # One CPU device: all sizes 1. On 8 devices: data=8; set expert=8 (or 4, 2) for expert
   # parallelism. The expert axis must divide the number of experts.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, model=1))
-  config.sharding_rules = sharding.DEFAULT_RULES
+  config.mesh.update(data=-1, expert=1, model=1)
 
-  config.optimizer = ml_collections.ConfigDict(dict(
+  config.optimizer.update(
       name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=25, decay_steps=0,
       final_learning_rate_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-8,
-      clip_norm=1.0))
+      clip_norm=1.0)
 
-  config.train = ml_collections.ConfigDict(dict(
+  config.train.update(
       num_steps=500, batch_size=32, log_every=25, eval_every=250, eval_batches=16,
-      checkpoint_every=250, max_checkpoints=2, seed=0, progress=True))
+      checkpoint_every=250, max_checkpoints=2, seed=0, progress=True)
   return config
 
 
-def moe_settings(*, kind: str, ffn_dim: int, num_experts: int = 8,
-                 group_size: int = 128) -> ml_collections.ConfigDict:
-  """`config.model.moe` for a router `kind` ("switch", "gshard", "topk").
+def set_moe(config: ml_collections.ConfigDict, *, kind: str, ffn_dim: int, every: int = 2,
+            num_experts: int = 8, group_size: int = 128) -> ml_collections.ConfigDict:
+  """Makes every `every`-th block an MoE layer with router `kind` ("switch", "gshard", "topk").
 
   group_size = L = 128: each sequence is one routing group, which keeps top-1 routing causal.
   """
-  router = ml_collections.ConfigDict(dict(
+  config.model.moe_every = every
+  config.model.moe.update(ffn_dim=ffn_dim, group_size=group_size, dispatch="index",
+                          activation="relu", expert_dropout=0.0)
+  config.model.moe.router.update(
       kind=kind, num_experts=num_experts, capacity_factor_train=1.25, capacity_factor_eval=2.0,
-      min_capacity=4, jitter_eps=0.0, load_balancing_loss_weight=1e-2, z_loss_weight=1e-3))
-  return ml_collections.ConfigDict(dict(
-      ffn_dim=ffn_dim, group_size=group_size, dispatch="index", activation="relu",
-      expert_dropout=0.0, router=router))
+      min_capacity=4, jitter_eps=0.0, load_balancing_loss_weight=1e-2, z_loss_weight=1e-3)
+  return config
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None
@@ -78,7 +79,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     raise ValueError(f"config variant {arg!r} is not known; choose one of {VARIANTS} or none.")
   # "tiny": seconds on a CPU, for smoke tests.
   tiny_ffn_dim = 64
-  if "moe" in config.model:  # experts keep their width relative to the dense FFN's
+  if config.model.moe_every > 0:  # experts keep their width relative to the dense FFN's
     config.model.moe.ffn_dim = config.model.moe.ffn_dim * tiny_ffn_dim // config.model.ffn_dim
     config.model.moe.group_size = 16
   config.model.update(num_layers=2, model_dim=32, num_heads=2, head_dim=16, ffn_dim=tiny_ffn_dim)

@@ -18,6 +18,5 @@ from experiments import base
 
 def get_config(arg: str | None = None):
   config = base.get_config()
-  config.model.moe_every = 2
-  config.model.moe = base.moe_settings(kind="gshard", ffn_dim=config.model.ffn_dim // 2)
+  base.set_moe(config, kind="gshard", ffn_dim=config.model.ffn_dim // 2)
   return base.apply_variant(config, arg)

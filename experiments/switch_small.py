@@ -27,6 +27,5 @@ from experiments import base
 
 def get_config(arg: str | None = None):
   config = base.get_config()
-  config.model.moe_every = 2
-  config.model.moe = base.moe_settings(kind="switch", ffn_dim=config.model.ffn_dim)
+  base.set_moe(config, kind="switch", ffn_dim=config.model.ffn_dim)
   return base.apply_variant(config, arg)

@@ -1,6 +1,7 @@
 """The experiment configuration: an `ml_collections.ConfigDict` at the edge, typed inside.
 
-An experiment file (`experiments/<name>.py`) returns a ConfigDict with six groups:
+An experiment file (`experiments/<name>.py`) starts from `default_config()`, the ConfigDict of
+every typed field at its default, and changes what it studies. It has six groups:
 
     config.model            ModelConfig fields; config.model.moe MoeConfig fields and
                             config.model.moe.router RouterConfig fields
@@ -12,24 +13,30 @@ An experiment file (`experiments/<name>.py`) returns a ConfigDict with six group
 
 `experiment_config_from` turns it into a frozen `ExperimentConfig`, rejecting unknown fields and
 values that cannot work on the available devices (an expert axis that does not divide the number of
-experts, a batch that does not split over the token shards, ...) with a ValueError that names the
-field, before any dataset is built or any array allocated.
+experts, a batch that does not split over the token shards, ...) with a `ConfigError` (a ValueError)
+that names the field by its command-line path, before any dataset is built or array allocated.
+Because the ConfigDict is derived from the dataclasses, every typed field is settable as
+`--config.<path>=value`, whether or not the experiment file mentions it.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import json
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import ml_collections
+from etils import epath
 
-from moejax import sharding
-from moejax.data.config import DataConfig, data_config_from
+from moejax import sharding, typed_config
+from moejax.data.config import DataConfig
 from moejax.model import ModelConfig, model_config_from
 from moejax.optim import OptimizerConfig
+from moejax.typed_config import ConfigError
 
 GROUPS = ("model", "data", "mesh", "sharding_rules", "optimizer", "train")
 
@@ -50,6 +57,8 @@ class TrainConfig:
     progress: show the progress line on stderr.
   """
 
+  PATH: ClassVar[str] = "train"
+
   num_steps: int = 1000
   batch_size: int = 32
   log_every: int = 10
@@ -61,14 +70,12 @@ class TrainConfig:
   progress: bool = True
 
   def __post_init__(self):
+    typed_config.check_fields(self)
     minimum = dict(num_steps=1, batch_size=1, log_every=1, eval_every=0, eval_batches=0,
                    checkpoint_every=0, max_checkpoints=1, seed=0)
     for name, low in minimum.items():
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"train.{name}={value!r} must be an integer >= {low}.")
-    if not isinstance(self.progress, bool):
-      raise ValueError(f"train.progress={self.progress!r} must be True or False.")
+      if getattr(self, name) < low:
+        raise ConfigError(f"train.{name}", getattr(self, name), f"must be an integer >= {low}.")
 
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -78,12 +85,23 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 class ExperimentConfig:
   """Everything a run needs, typed and validated (see the module docstring)."""
 
+  PATH: ClassVar[str] = ""
+
   model: ModelConfig
   data: DataConfig
   mesh: sharding.MeshConfig
-  sharding_rules: Rules
   optimizer: OptimizerConfig
   train: TrainConfig
+  sharding_rules: Rules = sharding.DEFAULT_RULES
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The ConfigDict of every typed field at its default: what experiment files start from.
+
+  `model.vocab_size` is a placeholder (None: the tokenizer's vocabulary size), `model.moe` holds
+  the MoE defaults (unused while `model.moe_every` is 0).
+  """
+  return typed_config.config_dict(ExperimentConfig)
 
 
 def experiment_config_from(config: ml_collections.ConfigDict | Mapping, *,
@@ -96,48 +114,31 @@ def experiment_config_from(config: ml_collections.ConfigDict | Mapping, *,
     num_devices / num_processes: what the mesh will span; default: this JAX runtime's.
 
   The model's vocabulary size defaults to `config.data.vocab_size`; the trainer replaces it with
-  the tokenizer's once the tokenizer exists.
+  the tokenizer's once the tokenizer exists. Errors are `ConfigError`s naming the field.
   """
-  values = _as_dict(config, "config")
+  values = typed_config.as_dict(config, "config")
   unknown = sorted(set(values) - set(GROUPS))
   if unknown:
-    raise ValueError(f"unknown config field(s) {unknown}; allowed top-level groups: {GROUPS}.")
+    raise ConfigError(", ".join(unknown), values[unknown[0]],
+                      f"is not a field of the config; its groups are {GROUPS}.")
   missing = [g for g in GROUPS if g not in values and g != "sharding_rules"]
   if missing:
     raise ValueError(f"config is missing the group(s) {missing}; every experiment sets {GROUPS}.")
-  data = data_config_from(_as_dict(values["data"], "data"))
-  model_values = _as_dict(values["model"], "model")
+  data = typed_config.build(DataConfig, values["data"])
+  model_values = typed_config.as_dict(values["model"], "model")
   vocab = model_values.get("vocab_size") or data.vocab_size
   experiment = ExperimentConfig(
       model=model_config_from(model_values, vocab_size=vocab),
       data=data,
-      mesh=_dataclass_from(sharding.MeshConfig, values["mesh"], "mesh"),
+      mesh=typed_config.build(sharding.MeshConfig, values["mesh"]),
       sharding_rules=rules_from(values.get("sharding_rules", sharding.DEFAULT_RULES)),
-      optimizer=_dataclass_from(OptimizerConfig, values["optimizer"], "optimizer"),
-      train=_dataclass_from(TrainConfig, values["train"], "train"),
+      optimizer=typed_config.build(OptimizerConfig, values["optimizer"]),
+      train=typed_config.build(TrainConfig, values["train"]),
   )
   check_layout(experiment,
                num_devices=jax.device_count() if num_devices is None else num_devices,
                num_processes=jax.process_count() if num_processes is None else num_processes)
   return experiment
-
-
-def _as_dict(value: Any, field: str) -> dict:
-  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    return dict(value.to_dict())
-  if isinstance(value, Mapping):
-    return dict(value)
-  raise ValueError(f"{field}={value!r} must be a ConfigDict or a mapping of fields.")
-
-
-def _dataclass_from(cls, value: Any, field: str):
-  values = _as_dict(value, field)
-  allowed = [f.name for f in dataclasses.fields(cls)]
-  unknown = sorted(set(values) - set(allowed))
-  if unknown:
-    listed = ", ".join(f"{field}.{name}" for name in unknown)
-    raise ValueError(f"unknown config field(s) {listed}; allowed fields of {field}: {allowed}.")
-  return cls(**values)
 
 
 def rules_from(value: Sequence) -> Rules:
@@ -213,3 +214,51 @@ def apply_overrides(config: ml_collections.ConfigDict, assignments: Sequence[str
       raise ValueError(f"override {assignment!r}: config has no field {path}.")
     node[name] = value
   return config
+
+
+# ----------------------------------------------------------------------------- resuming a workdir
+
+CONFIG_FILE = "config.json"
+
+# Fields a rerun on an existing workdir may change: the run's length and cadence, the layout
+# (checkpoints restore onto any mesh), where the data lives and how it is read (the token stream does
+# not depend on it), evaluation-only settings, and implementation choices with identical numbers.
+# Any other change would silently continue a different experiment from the old state.
+RESUMABLE_FIELDS = (
+    "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.max_checkpoints", "train.progress",
+    "mesh.data", "mesh.expert", "mesh.model", "sharding_rules",
+    "data.data_dir", "data.eval_split", "data.read_batch_size", "data.read_threads",
+    "data.prefetch_buffer_size",
+    "model.moe.dispatch", "model.moe.expert_loop", "model.moe.router.capacity_factor_eval",
+)
+
+
+def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
+                 write: bool = True) -> list[tuple[str, Any, Any]]:
+  """Compares `experiment` with the config saved in WORKDIR/config.json, then saves it there.
+
+  When `resuming` (the workdir holds checkpoints) a change of any field outside
+  `RESUMABLE_FIELDS` raises ConfigError naming each changed field with its old and new value.
+  Returns the allowed changes (path, old, new). `write=False` (processes other than 0) only
+  checks. A workdir without a saved config (or a fresh run) just saves it.
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  new = typed_config.as_plain(experiment)
+  changes = []
+  if resuming and path.exists():
+    old = json.loads(path.read_text())
+    changes = typed_config.differences(old, json.loads(json.dumps(new)))
+    refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS]
+    if refused:
+      listed = "; ".join(f"{field}: {before!r} -> {after!r}" for field, before, after in refused)
+      raise ConfigError(
+          refused[0][0], refused[0][2],
+          f"differs from the config of the checkpoints in {workdir} ({listed}). A resumed run "
+          f"must keep it: rerun with the old value, or use a new --workdir. Fields that may "
+          f"change on resume: {', '.join(RESUMABLE_FIELDS)}.")
+  if write:
+    partial = path.parent / f"{CONFIG_FILE}.partial-{os.getpid()}"
+    partial.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+  return changes

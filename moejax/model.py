@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +40,9 @@ import ml_collections
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from moejax import sharding
+from moejax import sharding, typed_config
 from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
-from moejax.routing import RouterConfig, parse_enum
+from moejax.typed_config import ConfigError, parse_enum
 
 RMS_NORM_EPS = 1e-6
 # Attention score (float32) at masked positions: exp of it underflows to exactly 0.
@@ -53,17 +54,17 @@ _MASKED_SCORE = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Typed settings of the transformer. See the module docstring for the architecture.
+  """Typed settings of the transformer (`model`). See the module docstring for the architecture.
 
   Attributes:
-    vocab_size: V.
+    vocab_size: V (None in an experiment file: the tokenizer's vocabulary size).
     num_layers: number of transformer blocks.
     model_dim: M, the residual-stream width.
     num_heads / head_dim: H and D of multi-head attention (D even, for RoPE).
     ffn_dim: F of the dense FFN blocks (MoE blocks use `moe.ffn_dim`).
     activation: "relu", "gelu" or "swiglu" for the dense FFN (MoE blocks use `moe.activation`).
     moe_every: 0 for a dense model; n >= 1 puts an MoeLayer in blocks n-1, 2n-1, ...
-    moe: the MoE layer settings; required when moe_every > 0.
+    moe: the MoE layer settings; required when moe_every > 0, unused (None) when it is 0.
     dtype: compute dtype, "float32" or "bfloat16".
     param_dtype: storage dtype of the parameters.
     dropout_rate: residual dropout (after attention and after the FFN), in training only.
@@ -71,13 +72,15 @@ class ModelConfig:
     tie_embeddings: reuse the embedding (V, M) as the output projection.
   """
 
+  PATH: ClassVar[str] = "model"
+
   vocab_size: int
   num_layers: int = 4
   model_dim: int = 256
   num_heads: int = 4
   head_dim: int = 64
   ffn_dim: int = 1024
-  activation: str = "relu"
+  activation: Activation = Activation.RELU
   moe_every: int = 0
   moe: MoeConfig | None = None
   dtype: str = "float32"
@@ -87,84 +90,60 @@ class ModelConfig:
   tie_embeddings: bool = True
 
   def __post_init__(self):
+    typed_config.check_fields(self)
+    fail = lambda name, must: _fail(self, name, must)
     for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "ffn_dim"):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ValueError(f"model.{name}={value!r} must be an integer >= 1.")
+      if getattr(self, name) < 1:
+        fail(name, "must be an integer >= 1.")
     if self.head_dim % 2:
-      raise ValueError(
-          f"model.head_dim={self.head_dim!r} must be even: RoPE rotates pairs of dimensions.")
-    parse_enum(Activation, "model.activation", self.activation)
-    if not _is_int(self.moe_every) or not 0 <= self.moe_every <= self.num_layers:
-      raise ValueError(
-          f"model.moe_every={self.moe_every!r} must be an integer in [0, num_layers="
-          f"{self.num_layers}] (0: dense model; n: an MoE FFN in every n-th block).")
-    if self.moe is not None and not isinstance(self.moe, MoeConfig):
-      raise ValueError(f"model.moe={self.moe!r} must be a MoeConfig or None.")
+      fail("head_dim", "must be even: RoPE rotates pairs of dimensions.")
+    if not 0 <= self.moe_every <= self.num_layers:
+      fail("moe_every", f"must be an integer in [0, num_layers={self.num_layers}] (0: dense "
+           "model; n: an MoE FFN in every n-th block).")
     if self.moe_every > 0 and self.moe is None:
-      raise ValueError(
-          f"model.moe=None is not allowed with model.moe_every={self.moe_every}: the MoE blocks "
-          "need MoE settings (or set moe_every=0 for a dense model).")
+      fail("moe", f"is not allowed with model.moe_every={self.moe_every}: the MoE blocks need "
+           "MoE settings (or set moe_every=0 for a dense model).")
     parse_dtype("model.dtype", self.dtype)
     parse_dtype("model.param_dtype", self.param_dtype)
-    if not isinstance(self.dropout_rate, (int, float)) or not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"model.dropout_rate={self.dropout_rate!r} must be in [0, 1).")
-    if not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1.0:
-      raise ValueError(f"model.rope_base={self.rope_base!r} must be a number > 1.")
-    if not isinstance(self.tie_embeddings, bool):
-      raise ValueError(f"model.tie_embeddings={self.tie_embeddings!r} must be True or False.")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      fail("dropout_rate", "must be in [0, 1).")
+    if not self.rope_base > 1.0:
+      fail("rope_base", "must be a number > 1.")
+    typed_config.check_unused(self)
+    if self.moe_every == 0:
+      object.__setattr__(self, "moe", None)
+    elif self.moe.dtype is None:  # the experts compute in the model's dtype unless set
+      object.__setattr__(self, "moe", dataclasses.replace(self.moe, dtype=self.dtype))
+
+  def unused_fields(self) -> dict[str, str]:
+    if self.moe_every == 0:
+      return {"moe": "model.moe_every=0 builds a dense model, which has no MoE layer"}
+    return {}
 
   def is_moe_block(self, index: int) -> bool:
     """Whether block `index` (0-based) holds an MoeLayer instead of a dense FFN."""
     return self.moe_every > 0 and (index + 1) % self.moe_every == 0
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+def _fail(config, name: str, must: str):
+  raise ConfigError(typed_config.path_of(config, name), getattr(config, name), must)
 
 
 def model_config_from(cfg: ml_collections.ConfigDict | Mapping, *,
                       vocab_size: int | None = None) -> ModelConfig:
   """Turns the experiment's `config.model` into a validated ModelConfig.
 
-  `cfg.moe` (optional) holds MoeConfig fields and `cfg.moe.router` RouterConfig fields. When
-  `cfg.moe` sets no `dtype`, the MoE experts compute in the model's `dtype`. `vocab_size`, when
-  given, overrides `cfg.vocab_size` (the data pipeline knows it). Unknown fields raise ValueError.
+  `cfg.moe` holds MoeConfig fields and `cfg.moe.router` RouterConfig fields; a dense model
+  (`moe_every=0`) leaves them at their defaults. `vocab_size`, when given, overrides
+  `cfg.vocab_size` (the data pipeline knows it). Unknown fields raise ConfigError.
   """
-  fields = _as_dict(cfg, "model")
-  moe_fields = _as_dict(fields.pop("moe", None), "model.moe")
-  _check_known(fields, ModelConfig, "model", exclude=("moe",))
+  fields = typed_config.as_dict(cfg, "model")
   if vocab_size is not None:
     fields["vocab_size"] = vocab_size
   if fields.get("vocab_size") is None:
-    raise ValueError("model.vocab_size is missing: set it in the config or pass vocab_size=.")
-  moe = None
-  if moe_fields is not None:
-    router_fields = _as_dict(moe_fields.pop("router", None), "model.moe.router") or {}
-    _check_known(moe_fields, MoeConfig, "model.moe", exclude=("router",))
-    _check_known(router_fields, RouterConfig, "model.moe.router")
-    moe_fields.setdefault("dtype", fields.get("dtype", "float32"))
-    moe = MoeConfig(router=RouterConfig(**router_fields), **moe_fields)
-  return ModelConfig(moe=moe, **fields)
-
-
-def _as_dict(value, field: str) -> dict | None:
-  if value is None:
-    return None
-  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    return dict(value.to_dict())
-  if isinstance(value, Mapping):
-    return dict(value)
-  raise ValueError(f"{field}={value!r} must be a ConfigDict or a mapping of fields.")
-
-
-def _check_known(fields: Mapping, cls, prefix: str, exclude: tuple[str, ...] = ()):
-  allowed = [f.name for f in dataclasses.fields(cls)]
-  unknown = sorted(set(fields) - set(allowed))
-  if unknown:
-    listed = ", ".join(f"{prefix}.{name}" for name in unknown)
-    raise ValueError(f"unknown field(s) {listed}; allowed fields of {prefix}: "
-                     f"{sorted(set(allowed) - set(exclude)) + list(exclude)}.")
+    raise ConfigError("model.vocab_size", None, "is missing: set it in the config or pass "
+                      "vocab_size=.")
+  return typed_config.build(ModelConfig, fields)
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -23,16 +23,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import sharding
+from moejax import sharding, typed_config
 from moejax.dispatch import DispatchKind, make_dispatcher
-from moejax.routing import (RouterConfig, RouterKind, RoutingStats, SecondExpertPolicy, parse_enum,
-                            route)
+from moejax.routing import RouterConfig, RouterKind, RoutingStats, SecondExpertPolicy, route
+from moejax.typed_config import ConfigError
 
 
 class ExpertLoop(enum.Enum):
@@ -58,12 +59,12 @@ def parse_dtype(field: str, value) -> jnp.dtype:
     return jnp.dtype(_DTYPES[value])
   if value in (jnp.float32, jnp.bfloat16):
     return jnp.dtype(value)
-  raise ValueError(f"{field}={value!r} is not allowed; choose one of {sorted(_DTYPES)}.")
+  raise ConfigError(field, value, f"is not allowed; choose one of {sorted(_DTYPES)}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-  """Typed settings of one MoE layer.
+  """Typed settings of one MoE layer (`model.moe`).
 
   Attributes:
     router: the router settings (number of experts, k, capacity, losses).
@@ -74,8 +75,11 @@ class MoeConfig:
     expert_loop: how the experts' matmuls are issued: auto, batched, scan or unroll (same
       results; see `expert_ffn`).
     expert_dropout: dropout rate on the experts' hidden activations in training.
-    dtype: compute dtype of the experts ("float32" or "bfloat16"); the router is always float32.
+    dtype: compute dtype of the experts ("float32" or "bfloat16"); None: the model's `dtype`.
+      The router is always float32.
   """
+
+  PATH: ClassVar[str] = "model.moe"
 
   router: RouterConfig = RouterConfig()
   ffn_dim: int = 2048
@@ -84,23 +88,24 @@ class MoeConfig:
   activation: Activation = Activation.RELU
   expert_loop: ExpertLoop = ExpertLoop.AUTO
   expert_dropout: float = 0.0
-  dtype: str = "float32"
+  dtype: str | None = None
 
   def __post_init__(self):
-    if not isinstance(self.router, RouterConfig):
-      raise ValueError(f"moe.router={self.router!r} must be a RouterConfig.")
-    object.__setattr__(self, "dispatch", parse_enum(DispatchKind, "moe.dispatch", self.dispatch))
-    object.__setattr__(self, "activation",
-                       parse_enum(Activation, "moe.activation", self.activation))
-    object.__setattr__(self, "expert_loop",
-                       parse_enum(ExpertLoop, "moe.expert_loop", self.expert_loop))
-    parse_dtype("moe.dtype", self.dtype)
-    if not isinstance(self.ffn_dim, int) or self.ffn_dim < 1:
-      raise ValueError(f"moe.ffn_dim={self.ffn_dim!r} must be an integer >= 1.")
-    if not isinstance(self.group_size, int) or self.group_size < 1:
-      raise ValueError(f"moe.group_size={self.group_size!r} must be an integer >= 1.")
+    typed_config.check_fields(self)
+    if self.dtype is not None:
+      parse_dtype(typed_config.path_of(self, "dtype"), self.dtype)
+    for name in ("ffn_dim", "group_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(typed_config.path_of(self, name), getattr(self, name),
+                          "must be an integer >= 1.")
     if not 0.0 <= self.expert_dropout < 1.0:
-      raise ValueError(f"moe.expert_dropout={self.expert_dropout!r} must be in [0, 1).")
+      raise ConfigError(typed_config.path_of(self, "expert_dropout"), self.expert_dropout,
+                        "must be in [0, 1).")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    """The experts' compute dtype (float32 when `dtype` is None and no model resolved it)."""
+    return parse_dtype(typed_config.path_of(self, "dtype"), self.dtype or "float32")
 
 
 @jax.tree_util.register_dataclass
@@ -400,7 +405,7 @@ class MoeLayer(nnx.Module):
                train: bool = False) -> tuple[jax.Array, MoeAux]:
     B, L, M = x_BLM.shape
     cfg = self.config
-    dtype = parse_dtype("moe.dtype", cfg.dtype)
+    dtype = cfg.compute_dtype
     x_TM = x_BLM.reshape(B * L, M).astype(dtype)
     mask_T = None if padding_mask_BL is None else padding_mask_BL.reshape(B * L).astype(bool)
     mesh = jax.sharding.get_abstract_mesh()
@@ -456,7 +461,7 @@ def _check_shapes(cfg: MoeConfig, num_tokens: int, token_shards: int, expert_sha
   E = cfg.router.num_experts
   if E % expert_shards:
     raise ValueError(
-        f"router.num_experts={E} must be divisible by the mesh's expert axis size "
+        f"model.moe.router.num_experts={E} must be divisible by the mesh's expert axis size "
         f"({expert_shards}).")
   if num_tokens % token_shards:
     raise ValueError(
@@ -465,7 +470,7 @@ def _check_shapes(cfg: MoeConfig, num_tokens: int, token_shards: int, expert_sha
   local = num_tokens // token_shards
   if local % cfg.group_size:
     raise ValueError(
-        f"moe.group_size={cfg.group_size} must divide the tokens per device ({local} = B*L / "
+        f"model.moe.group_size={cfg.group_size} must divide the tokens per device ({local} = B*L / "
         f"{token_shards} shards); choose a divisor of {local}.")
 
 

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from moejax import typed_config
+from moejax.typed_config import ConfigError
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -48,6 +52,8 @@ class OptimizerConfig:
     clip_norm: clip the gradients' global norm to this value; 0 turns clipping off.
   """
 
+  PATH: ClassVar[str] = "optimizer"
+
   name: str = "adamw"
   learning_rate: float = 1e-3
   schedule: str = "cosine"
@@ -61,16 +67,16 @@ class OptimizerConfig:
   clip_norm: float = 1.0
 
   def __post_init__(self):
+    typed_config.check_fields(self)
     if self.name not in OPTIMIZERS:
-      raise ValueError(f"optimizer.name={self.name!r} is not allowed; choose one of {OPTIMIZERS}.")
+      raise ConfigError("optimizer.name", self.name, f"is not allowed; choose one of {OPTIMIZERS}.")
     if self.schedule not in SCHEDULES:
-      raise ValueError(
-          f"optimizer.schedule={self.schedule!r} is not allowed; choose one of {SCHEDULES}.")
+      raise ConfigError("optimizer.schedule", self.schedule,
+                        f"is not allowed; choose one of {SCHEDULES}.")
     _check_number("learning_rate", self.learning_rate, lower=0.0, strict=True)
     for name in ("warmup_steps", "decay_steps"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"optimizer.{name}={value!r} must be an integer >= 0.")
+      if getattr(self, name) < 0:
+        raise ConfigError(f"optimizer.{name}", getattr(self, name), "must be an integer >= 0.")
     _check_number("final_learning_rate_fraction", self.final_learning_rate_fraction, lower=0.0,
                   upper=1.0)
     _check_number("weight_decay", self.weight_decay, lower=0.0)
@@ -90,7 +96,7 @@ def _check_number(field, value, *, lower=None, upper=None, strict=False):
     low = "" if lower is None else f"{'>' if strict else '>='} {lower}"
     high = "" if upper is None else f"<= {upper}"
     allowed = " and ".join(s for s in (low, high) if s) or "finite"
-    raise ValueError(f"optimizer.{field}={value!r} must be a number {allowed}.")
+    raise ConfigError(f"optimizer.{field}", value, f"must be a number {allowed}.")
 
 
 def learning_rate_schedule(config: OptimizerConfig, num_steps: int) -> optax.Schedule:

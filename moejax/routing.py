@@ -33,8 +33,13 @@ import enum
 import math
 from fractions import Fraction
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+
+from moejax import typed_config
+from moejax.typed_config import ConfigError, parse_enum  # noqa: F401  (re-exported)
 
 
 class RouterKind(enum.Enum):
@@ -52,20 +57,9 @@ class SecondExpertPolicy(enum.Enum):
   RANDOM = "random"  # keep it with probability min(1, g2 / threshold)
 
 
-def parse_enum(enum_cls: type[enum.Enum], field: str, value) -> enum.Enum:
-  """Returns `enum_cls(value)`, or a ValueError naming the field, the value and what is allowed."""
-  if isinstance(value, enum_cls):
-    return value
-  try:
-    return enum_cls(value)
-  except ValueError:
-    allowed = ", ".join(repr(m.value) for m in enum_cls)
-    raise ValueError(f"{field}={value!r} is not allowed; choose one of {allowed}.") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-  """Typed, validated router settings.
+  """Typed, validated router settings (`model.moe.router`).
 
   Attributes:
     kind: the routing algorithm (`RouterKind` or its string value).
@@ -78,9 +72,11 @@ class RouterConfig:
     min_capacity: lower bound on C.
     batch_prioritized: claim capacity in order of router confidence instead of position.
     jitter_eps: multiplicative jitter on the router input in training, uniform in [1-eps, 1+eps].
-    second_expert_policy / second_expert_threshold: GShard's second-expert policy.
+    second_expert_policy / second_expert_threshold: `GSHARD` only: its second-expert policy.
     load_balancing_loss_weight / z_loss_weight: coefficients of the auxiliary losses.
   """
+
+  PATH: ClassVar[str] = "model.moe.router"
 
   kind: RouterKind = RouterKind.SWITCH
   num_experts: int = 8
@@ -97,45 +93,54 @@ class RouterConfig:
   z_loss_weight: float = 1e-3
 
   def __post_init__(self):
-    kind = parse_enum(RouterKind, "router.kind", self.kind)
-    object.__setattr__(self, "kind", kind)
-    object.__setattr__(
-        self,
-        "second_expert_policy",
-        parse_enum(SecondExpertPolicy, "router.second_expert_policy", self.second_expert_policy),
-    )
-    if not isinstance(self.num_experts, int) or self.num_experts < 1:
-      raise ValueError(f"router.num_experts={self.num_experts!r} must be an integer >= 1.")
+    typed_config.check_fields(self)
+    fail = lambda name, must: _fail(self, name, must)
+    if self.num_experts < 1:
+      fail("num_experts", "must be an integer >= 1.")
+    kind = self.kind
     fixed_k = {RouterKind.SWITCH: 1, RouterKind.GSHARD: 2}.get(kind)
     k = self.k if self.k is not None else fixed_k
     if k is None:
-      raise ValueError("router.k=None: the 'topk' router needs k, an integer in [1, num_experts].")
+      fail("k", f"is not allowed with {self.PATH}.kind='topk', which needs k, an integer in "
+           f"[1, num_experts={self.num_experts}].")
     if fixed_k is not None and k != fixed_k:
-      raise ValueError(
-          f"router.k={k} is not allowed for router.kind={kind.value!r}, which routes each token "
-          f"to exactly {fixed_k} expert(s); use kind='topk' for other k.")
-    if not isinstance(k, int) or not 1 <= k <= self.num_experts:
-      raise ValueError(
-          f"router.k={k!r} must be an integer in [1, num_experts={self.num_experts}].")
+      fail("k", f"is not allowed for {self.PATH}.kind={kind.value!r}, which routes each token "
+           f"to exactly {fixed_k} expert(s); use kind='topk' for other k.")
     object.__setattr__(self, "k", k)
+    if not 1 <= k <= self.num_experts:
+      fail("k", f"must be an integer in [1, num_experts={self.num_experts}].")
     for name in ("capacity_factor_train", "capacity_factor_eval"):
-      value = getattr(self, name)
-      if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"router.{name}={value!r} must be a finite number > 0.")
-    if not isinstance(self.min_capacity, int) or self.min_capacity < 1:
-      raise ValueError(f"router.min_capacity={self.min_capacity!r} must be an integer >= 1.")
+      if not getattr(self, name) > 0:
+        fail(name, "must be a finite number > 0.")
+    if self.min_capacity < 1:
+      fail("min_capacity", "must be an integer >= 1.")
     if not 0.0 <= self.jitter_eps < 1.0:
-      raise ValueError(f"router.jitter_eps={self.jitter_eps!r} must be in [0, 1).")
+      fail("jitter_eps", "must be in [0, 1).")
     if not self.second_expert_threshold > 0:
-      raise ValueError(
-          f"router.second_expert_threshold={self.second_expert_threshold!r} must be > 0.")
+      fail("second_expert_threshold", "must be > 0.")
     for name in ("load_balancing_loss_weight", "z_loss_weight"):
       if getattr(self, name) < 0:
-        raise ValueError(f"router.{name}={getattr(self, name)!r} must be >= 0.")
+        fail(name, "must be >= 0.")
+    typed_config.check_unused(self)
+
+  def unused_fields(self) -> dict[str, str]:
+    """Fields the chosen kind does not read, with the reason (see `typed_config.check_unused`)."""
+    kind = f"{self.PATH}.kind={self.kind.value!r}"
+    unused = {}
+    if self.kind is not RouterKind.TOPK:
+      unused["normalize_weights"] = f"only kind='topk' reads it, not {kind}"
+    if self.kind is not RouterKind.GSHARD:
+      for name in ("second_expert_policy", "second_expert_threshold"):
+        unused[name] = f"only kind='gshard' reads it, not {kind}"
+    return unused
 
   def capacity(self, group_size: int, *, train: bool) -> int:
     factor = self.capacity_factor_train if train else self.capacity_factor_eval
     return expert_capacity(group_size, self.num_experts, self.k, factor, self.min_capacity)
+
+
+def _fail(config, name: str, must: str):
+  raise ConfigError(typed_config.path_of(config, name), getattr(config, name), must)
 
 
 def expert_capacity(group_size: int, num_experts: int, k: int, capacity_factor: float,

@@ -19,11 +19,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from moejax import typed_config
+from moejax.typed_config import ConfigError
 
 DATA, EXPERT, MODEL = "data", "expert", "model"
 MESH_AXES = (DATA, EXPERT, MODEL)
@@ -45,19 +49,22 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes; one of them may be -1, meaning "all remaining devices"."""
+  """Mesh axis sizes (`mesh`); one of them may be -1, meaning "all remaining devices"."""
+
+  PATH: ClassVar[str] = "mesh"
 
   data: int = -1
   expert: int = 1
   model: int = 1
 
   def __post_init__(self):
+    typed_config.check_fields(self)
     sizes = dataclasses.asdict(self)
     for name, size in sizes.items():
-      if not isinstance(size, int) or (size < 1 and size != -1):
-        raise ValueError(f"mesh.{name}={size!r} must be a positive integer or -1 (the rest).")
+      if size < 1 and size != -1:
+        raise ConfigError(f"mesh.{name}", size, "must be a positive integer or -1 (the rest).")
     if list(sizes.values()).count(-1) > 1:
-      raise ValueError(f"mesh={sizes}: at most one axis may be -1.")
+      raise ConfigError("mesh", sizes, "is not allowed: at most one axis may be -1.")
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     sizes = dataclasses.asdict(self)

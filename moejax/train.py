@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import checkpoint as checkpoint_lib
+from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import metrics as metrics_lib
 from moejax import sharding
@@ -274,6 +276,10 @@ def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   train_cfg = experiment.train
+  for field, before, after in config_lib.check_resume(
+      workdir, experiment, resuming=_has_checkpoints(workdir), write=jax.process_index() == 0):
+    if jax.process_index() == 0:
+      print(f"resuming with {field} changed from {before!r} to {after!r}", file=sys.stderr)
 
   # ---- mesh
   mesh = sharding.make_mesh(experiment.mesh)
@@ -318,6 +324,12 @@ def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float
   if jax.process_index() == 0:
     _print_summary(result, workdir)
   return result
+
+
+def _has_checkpoints(workdir: epath.Path) -> bool:
+  """Whether WORKDIR/checkpoints holds a step folder (a run to resume)."""
+  directory = workdir / "checkpoints"
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _prepare_data(experiment: ExperimentConfig):

@@ -27,7 +27,7 @@ def test_mesh_config_resolves(config, devices, expected):
 @pytest.mark.parametrize("make,message", [
     (lambda: MeshConfig(data=0), r"mesh\.data=0 must be a positive integer or -1"),
     (lambda: MeshConfig(expert=-2), r"mesh\.expert=-2 must be a positive integer or -1"),
-    (lambda: MeshConfig(model=1.5), r"mesh\.model=1\.5 must be a positive integer or -1"),
+    (lambda: MeshConfig(model=1.5), r"mesh\.model=1\.5 must be an integer"),
     (lambda: MeshConfig(data=-1, expert=-1), r"at most one axis may be -1"),
     (lambda: MeshConfig(data=-1, expert=3).resolve(8),
      r"fixed axes \(3 devices\) do not divide the 8 devices"),

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from etils import epath
+
+from moejax import typed_config
+from moejax.typed_config import ConfigError
 
 # Tokenizer kinds. "auto" picks "word" for the word-level Penn Treebank and "sentencepiece" for
 # every other dataset.
@@ -24,7 +27,7 @@ MIN_SENTENCEPIECE_VOCAB = 260
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"DataConfig.{field}={value!r} is invalid: {allowed}.")
+  raise ConfigError(f"data.{field}", value, f"is invalid: {allowed}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,8 @@ class DataConfig:
         corpora, but the global batches depend on the number of processes.
   """
 
+  PATH: ClassVar[str] = "data"
+
   name: str = "moejax_public_domain"
   data_dir: str | None = None
   vocab_size: int = 8192
@@ -82,6 +87,7 @@ class DataConfig:
   process_sharding: str = "batch_rows"
 
   def __post_init__(self):
+    typed_config.check_fields(self)
     for field in ("name", "text_key", "train_split", "eval_split"):
       value = getattr(self, field)
       if not isinstance(value, str) or not value:
@@ -132,9 +138,4 @@ def data_config_from(cfg: Mapping[str, Any] | Any) -> DataConfig:
   Raises:
     ValueError: on a field `DataConfig` does not have, naming it and listing those it has.
   """
-  values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  known = [f.name for f in dataclasses.fields(DataConfig)]
-  unknown = sorted(set(values) - set(known))
-  if unknown:
-    raise ValueError(f"unknown data config field(s) {unknown}; allowed fields: {known}.")
-  return DataConfig(**values)
+  return typed_config.build(DataConfig, cfg)

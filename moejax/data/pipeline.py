@@ -73,7 +73,7 @@ def _dataset_builder(config: DataConfig) -> tfds.core.DatasetBuilder:
     return tfds.builder(config.name, data_dir=data_dir)
   except Exception as e:  # TFDS raises several kinds, some from its optional TensorFlow imports
     first_line = str(e).strip().split("\n")[0]  # TFDS appends the list of all its datasets
-    raise ValueError(f"DataConfig.name={config.name!r}: TFDS cannot find this dataset in "
+    raise ValueError(f"data.name={config.name!r}: TFDS cannot find this dataset in "
                      f"{data_dir} ({type(e).__name__}: {first_line}).") from e
 
 
@@ -81,22 +81,22 @@ def _check_prepared(config: DataConfig, builder: tfds.core.DatasetBuilder) -> No
   """Raises ValueError unless `builder` has array_record data with the configured key/splits."""
   if not builder.is_prepared():
     raise ValueError(
-        f"DataConfig.name={config.name!r} is not prepared in {builder.data_dir}. moejax builds "
+        f"data.name={config.name!r} is not prepared in {builder.data_dir}. moejax builds "
         f"only {sorted(corpora.BUILDERS)} itself; prepare other datasets where they can be "
         "downloaded, e.g. `tfds build NAME --file_format=array_record --data_dir=DIR`, and point "
-        "DataConfig.data_dir (or $MOEJAX_DATA_DIR) at that directory.")
+        "data.data_dir (or $MOEJAX_DATA_DIR) at that directory.")
   file_format = builder.info.file_format
   if file_format is not None and file_format.value != "array_record":
-    raise ValueError(f"DataConfig.name={config.name!r} is stored as {file_format.value!r}; "
+    raise ValueError(f"data.name={config.name!r} is stored as {file_format.value!r}; "
                      "moejax reads only 'array_record' (random access, no TensorFlow).")
   features = builder.info.features
   if config.text_key not in features:
-    raise ValueError(f"DataConfig.text_key={config.text_key!r} is not a feature of "
+    raise ValueError(f"data.text_key={config.text_key!r} is not a feature of "
                      f"{config.name!r}; its features are {sorted(features.keys())}.")
   for field in ("train_split", "eval_split"):
     split = getattr(config, field)
     if split not in builder.info.splits:
-      raise ValueError(f"DataConfig.{field}={split!r} is not a split of {config.name!r}; its "
+      raise ValueError(f"data.{field}={split!r} is not a split of {config.name!r}; its "
                        f"splits are {sorted(builder.info.splits.keys())}.")
 
 
@@ -156,7 +156,7 @@ def _data_source(config: DataConfig, split: str) -> Any:
   try:
     source = tfds.data_source(config.name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # missing files surface as several exception types
-    raise ValueError(f"cannot read split {split!r} of DataConfig.name={config.name!r} from "
+    raise ValueError(f"cannot read split {split!r} of data.name={config.name!r} from "
                      f"{data_dir}: {e}. Call moejax.data.prepare(config) first.") from e
   return source
 
