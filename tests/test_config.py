@@ -8,6 +8,7 @@ same absl/ml_collections flags `moejax.main` defines.
 import dataclasses
 import enum
 import json
+import pathlib
 import re
 
 import pytest
@@ -20,6 +21,7 @@ from moejax import typed_config
 from moejax.config import ExperimentConfig
 from moejax.typed_config import ConfigError
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/switch_small.py:tiny"
 DEVICES = 8  # what the layout checks assume: enough for mesh.expert=2 or mesh.model=2
 
@@ -238,3 +240,32 @@ def test_a_fresh_run_replaces_a_stale_saved_config(tmp_path):
   # No checkpoints (a run that died before its first save): a new config is not a resume.
   config_lib.check_resume(tmp_path, _experiment(("data.seq_len", 32)), resuming=False)
   assert json.loads((tmp_path / "config.json").read_text())["data"]["seq_len"] == 32
+
+
+def test_trainer_refuses_a_changed_config_on_resume_and_accepts_more_steps(tmp_path, compile_once):
+  del compile_once
+  from moejax import train  # pylint: disable=g-import-not-at-top
+  from moejax.data import corpora  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / "data"
+  corpora.build("ptb", data_dir, source_dir=REPO / "tests" / "fixtures" / "ptb")
+  workdir = tmp_path / "run"
+
+  def config(**changes):
+    cfg = switch_small.get_config("tiny")
+    cfg.data.update(name="ptb", data_dir=str(data_dir))
+    cfg.mesh.update(data=2, expert=4)
+    cfg.train.update(num_steps=1, eval_batches=1)
+    for path, value in changes.items():
+      group, name = path.split("__")
+      cfg[group][name] = value
+    return cfg
+
+  train.train_and_evaluate(config(), workdir)
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  with pytest.raises(ConfigError, match=r"^data\.seq_len=32 differs from the config of the "
+                     r"checkpoints.*data\.seq_len: 16 -> 32"):
+    train.train_and_evaluate(config(data__seq_len=32), workdir)
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before
+  result = train.train_and_evaluate(config(train__num_steps=2), workdir)
+  assert result["step"] == 2
+  assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 2
