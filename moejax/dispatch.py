@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import RoutingDecision
+from moejax.typed_config import ConfigError
 
 
 class DispatchKind(enum.Enum):
@@ -48,7 +49,8 @@ class EinsumDispatcher:
   def __init__(self, decision: RoutingDecision):
     self.dispatch_GSEC = decision.dispatch_GSEC()
     self.combine_GSEC = decision.combine_GSEC()
-    self.routed_GS = jnp.any(decision.keep_GSK, axis=-1)
+    self.routed_GS = decision.routed_GS()
+    self.dense = decision.is_dense
 
   def dispatch(self, x_GSM: jax.Array) -> jax.Array:
     # Tokens that reach no expert (padding, dropped) may hold anything, even NaN: select them
@@ -65,6 +67,8 @@ class EinsumDispatcher:
     result, and the weights' gradient becomes the cheap sum_M(dy_EGCM * y_EGCM) instead of a
     (G, S, E, C, M) contraction.
     """
+    if self.dense:  # soft MoE: every token takes a mixture of every slot
+      return jnp.einsum("EGCM,GSEC->GSM", y_EGCM, self.combine_GSEC.astype(y_EGCM.dtype))
     weight_EGC = jnp.einsum("GSEC->EGC", self.combine_GSEC).astype(y_EGCM.dtype)
     dispatch_GSEC = jax.lax.stop_gradient(self.dispatch_GSEC.astype(y_EGCM.dtype))
     return jnp.einsum("EGCM,GSEC->GSM", y_EGCM * weight_EGC[..., None], dispatch_GSEC)
@@ -74,6 +78,9 @@ class IndexDispatcher:
   """Dispatch and combine with row gathers through two index maps (see module docstring)."""
 
   def __init__(self, decision: RoutingDecision):
+    if decision.is_dense:
+      raise ConfigError("model.moe.dispatch", "index", "cannot execute a dense routing decision "
+                        "(soft MoE mixes every token into every slot); use 'einsum'.")
     G, S, K = decision.expert_index_GSK.shape
     E, C = decision.num_experts, decision.capacity
     self.shape = (G, S, K, E, C)

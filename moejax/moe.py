@@ -32,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import sharding, typed_config
 from moejax.dispatch import DispatchKind, make_dispatcher
-from moejax.routing import RouterConfig, RouterKind, RoutingStats, SecondExpertPolicy, route
+from moejax import routing
+from moejax.routing import RouterConfig, RouterInputs, route
 from moejax.typed_config import ConfigError
 
 
@@ -113,7 +114,7 @@ class MoeConfig:
 class MoeAux:
   """What an MoE layer returns beside its output: weighted aux loss, raw losses, metrics."""
 
-  aux_loss: jax.Array  # lb_weight * load_balancing_loss + z_weight * router_z_loss
+  aux_loss: jax.Array  # the weighted sum of the router's auxiliary losses (routing.aux_loss)
   losses: dict[str, jax.Array]
   metrics: dict[str, jax.Array]
 
@@ -331,8 +332,13 @@ def expert_ffn(x_EGCM, wi_EMF, wo_EFM, wg_EMF, *, activation: Activation,
 # ----------------------------------------------------------------------------- per-device body
 
 
-def _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, keep_EGCF, router_ME, wi_EMF, wo_EFM,
-                wg_EMF, *, config: MoeConfig, train: bool, expert_axis: str | None = None,
+# Token-major RouterInputs fields (leading axis T, reshaped to (G, S, ...) per device); the others
+# (hash table, bias) are replicated.
+_TOKEN_INPUTS = ("uniform_GS", "normal_GSE", "uniform_GSE", "token_ids_GS")
+
+
+def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router_MX, wi_EMF,
+                wo_EFM, wg_EMF, *, config: MoeConfig, train: bool, expert_axis: str | None = None,
                 model_axis: str | None = None):
   """The MoE layer on one device's tokens. Returns y_TM and per-group RoutingStats."""
   T, M = x_TM.shape
@@ -343,10 +349,13 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, uniform_T, keep_EGCF, router_ME, wi_EMF
     router_in_GSM = x_GSM.astype(jnp.float32)
     if jitter_TM is not None:
       router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M)
-    logits_GSE = jnp.einsum("GSM,ME->GSE", router_in_GSM, router_ME.astype(jnp.float32))
-    decision = route(logits_GSE, config.router, train=train,
+    logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(jnp.float32))
+    grouped = {name: getattr(inputs, name).reshape(G, S, *getattr(inputs, name).shape[1:])
+               for name in _TOKEN_INPUTS if getattr(inputs, name) is not None}
+    inputs = dataclasses.replace(inputs, **grouped)
+    decision = route(logits_GSX, config.router, train=train,
                      padding_mask_GS=None if mask_T is None else mask_T.reshape(G, S),
-                     uniform_GS=None if uniform_T is None else uniform_T.reshape(G, S))
+                     inputs=inputs)
   with jax.named_scope("dispatch"):
     dispatcher = make_dispatcher(config.dispatch, decision)
     x_EGCM = dispatcher.dispatch(x_GSM)
@@ -398,7 +407,7 @@ class MoeLayer(nnx.Module):
                               ("expert", "embed", "mlp"))
                if config.activation is Activation.SWIGLU else None)
     needs_rng = (config.router.jitter_eps > 0 or config.expert_dropout > 0 or
-                 config.router.second_expert_policy is SecondExpertPolicy.RANDOM)
+                 bool(config.router.family.random_inputs(config.router)))
     self.rngs = rngs.fork() if needs_rng else None
 
   def __call__(self, x_BLM: jax.Array, *, padding_mask_BL: jax.Array | None = None,
@@ -412,16 +421,16 @@ class MoeLayer(nnx.Module):
     X = sharding.mesh_axis_size(mesh, sharding.EXPERT)
     token_shards = X * sharding.mesh_axis_size(mesh, sharding.DATA)
     _check_shapes(cfg, B * L, token_shards, X)
-    random_inputs = self._random_inputs(B * L, train, mesh)
+    jitter, keep, inputs = self._random_inputs(B * L, train, mesh)
     weights = (self.router[...], self.wi[...].astype(dtype), self.wo[...].astype(dtype),
                None if self.wg is None else self.wg[...].astype(dtype))
+    args = (x_TM, mask_T, jitter, keep, inputs, *weights)
     if mesh.empty:
-      y_TM, stats = _moe_tokens(x_TM, mask_T, *random_inputs, *weights, config=cfg, train=train)
+      y_TM, stats = _moe_tokens(*args, config=cfg, train=train)
     else:
-      y_TM, stats = _sharded(cfg, train, mesh)(x_TM, mask_T, *random_inputs, *weights)
+      y_TM, stats = _sharded(cfg, train, mesh)(*args)
     losses, metrics = stats.summarize()
-    aux_loss = (cfg.router.load_balancing_loss_weight * losses["load_balancing_loss"] +
-                cfg.router.z_loss_weight * losses["router_z_loss"])
+    aux_loss = routing.aux_loss(cfg.router, losses)
     # Give y the input's layout: splitting T back into (B, L) is otherwise ambiguous on an
     # Explicit mesh (with expert=1 it could put L over the expert axis).
     out_sharding = None if mesh.empty else jax.typeof(x_BLM).sharding
@@ -429,7 +438,7 @@ class MoeLayer(nnx.Module):
     return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
 
   def _random_inputs(self, num_tokens: int, train: bool, mesh):
-    """Router jitter, GShard policy draws and the expert-dropout mask for one call.
+    """Router jitter, the expert-dropout mask and the router family's random inputs for one call.
 
     Drawn in the global view with the layouts the per-device body uses (threefry is
     partitionable), so every device gets its slice of the same numbers under any mesh and the
@@ -437,24 +446,30 @@ class MoeLayer(nnx.Module):
     """
     cfg, router = self.config, self.config.router
     if not train or self.rngs is None:
-      return None, None, None
+      return None, None, RouterInputs()
     specs = _specs(mesh)
     out = lambda name: None if mesh.empty else specs[name]
-    jitter = uniform = keep = None
+    jitter = keep = None
     if router.jitter_eps > 0:
       eps = router.jitter_eps
       jitter = jax.random.uniform(self.rngs.jitter(), (num_tokens, self.model_dim), jnp.float32,
                                   1.0 - eps, 1.0 + eps, out_sharding=out("tokens"))
-    if (router.kind is RouterKind.GSHARD and
-        router.second_expert_policy is SecondExpertPolicy.RANDOM):
-      uniform = jax.random.uniform(self.rngs.router(), (num_tokens,), jnp.float32,
-                                   out_sharding=out("tokens"))
+    E = router.num_experts
+    draws = {
+        "uniform_GS": lambda key: jax.random.uniform(key, (num_tokens,), jnp.float32,
+                                                     out_sharding=out("tokens")),
+        "uniform_GSE": lambda key: jax.random.uniform(key, (num_tokens, E), jnp.float32,
+                                                      out_sharding=out("tokens")),
+        "normal_GSE": lambda key: jax.random.normal(key, (num_tokens, E), jnp.float32,
+                                                    out_sharding=out("tokens")),
+    }
+    inputs = {name: draws[name](self.rngs.router()) for name in router.family.random_inputs(router)}
     if cfg.expert_dropout > 0:
       shape = (router.num_experts, num_tokens // cfg.group_size,
                router.capacity(cfg.group_size, train=True), cfg.ffn_dim)
       keep = jax.random.bernoulli(self.rngs.dropout(), 1.0 - cfg.expert_dropout, shape,
                                   out_sharding=out("hidden"))
-    return jitter, uniform, keep
+    return jitter, keep, RouterInputs(**inputs)
 
 
 def _check_shapes(cfg: MoeConfig, num_tokens: int, token_shards: int, expert_shards: int):
@@ -490,6 +505,13 @@ def _specs(mesh) -> dict[str, P]:
   }
 
 
+def _reshard(a, spec):
+  if isinstance(a, RouterInputs):
+    return RouterInputs(**{name: None if value is None else jax.reshard(value, getattr(spec, name))
+                           for name, value in vars(a).items()})
+  return jax.reshard(a, spec)
+
+
 def _sharded(cfg: MoeConfig, train: bool, mesh):
   """The per-device body wrapped in shard_map over the context mesh."""
   names = set(mesh.axis_names)
@@ -497,21 +519,21 @@ def _sharded(cfg: MoeConfig, train: bool, mesh):
   model_axis = sharding.MODEL if sharding.MODEL in names else None
   specs = _specs(mesh)
   tokens = specs["tokens"]
-  stats_spec = RoutingStats(
-      num_tokens_G=tokens, load_balancing_G=tokens, z_loss_sum_G=tokens, entropy_sum_G=tokens,
-      confidence_sum_G=tokens, assigned_GE=tokens, kept_GE=tokens, tokens_dropped_G=tokens,
-      capacity=cfg.router.capacity(cfg.group_size, train=train))
   body = functools.partial(_moe_tokens, config=cfg, train=train, expert_axis=expert_axis,
                            model_axis=model_axis)
 
-  def run(x, mask, jitter, uniform, keep, router_w, wi, wo, wg):
-    args = (x, mask, jitter, uniform, keep, router_w, wi, wo, wg)
-    roles = (tokens, tokens, tokens, tokens, specs["hidden"], P(), specs["wi"], specs["wo"],
+  def run(x, mask, jitter, keep, inputs, router_w, wi, wo, wg):
+    args = (x, mask, jitter, keep, inputs, router_w, wi, wo, wg)
+    input_specs = RouterInputs(**{
+        name: None if value is None else tokens if name in _TOKEN_INPUTS else P()
+        for name, value in vars(inputs).items()})
+    roles = (tokens, tokens, tokens, specs["hidden"], input_specs, P(), specs["wi"], specs["wo"],
              specs["wi"])
     in_specs = tuple(None if a is None else r for a, r in zip(args, roles))
     # A no-op when the inputs already have these layouts (the model's sharding rules give them).
-    args = tuple(a if a is None else jax.reshard(a, s) for a, s in zip(args, in_specs))
-    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, stats_spec))
+    args = tuple(a if a is None else _reshard(a, s) for a, s in zip(args, in_specs))
+    # Every leaf of the stats has a leading group axis, split like the tokens.
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, tokens))
     return fn(*args)
 
   return run

@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
   def __init__(self, field: str, value: Any, must: str):
     self.field, self.value = field, value
-    super().__init__(f"{field}={value!r} {must}")
+    super().__init__(f"{field}={_plain(value)!r} {must}")
 
 
 def path_of(obj_or_cls, name: str) -> str:

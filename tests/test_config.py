@@ -43,6 +43,7 @@ def typed_paths(cls=ExperimentConfig, prefix=""):
 # Values for fields whose neighbour of the default would not fit the tiny experiment (layout
 # checks) and for strings, which have no generic "other value".
 SPECIAL = {
+    "model.moe.router.deepseek.num_groups": 2, "model.moe.router.kind": "topk",
     "model.vocab_size": 600, "model.head_dim": 18, "model.moe_every": 1, "model.moe.router.k": 3,
     "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.moe.dtype": "bfloat16",
     "model.moe.group_size": 8, "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
@@ -54,14 +55,31 @@ SPECIAL = {
                        ("heads", "model"), ("embed", None), ("vocab", None), ("kv", None),
                        ("length", None)),
 }
-# Settings a field needs beside it to be used by the chosen variant.
+# Settings a field needs beside it to be used by the chosen variant (by path prefix).
+_ROUTER = "model.moe.router."
 CONTEXT = {
-    "model.moe.router.k": {"model.moe.router.kind": "topk"},
-    "model.moe.router.normalize_weights": {"model.moe.router.kind": "topk",
-                                           "model.moe.router.k": 2},
-    "model.moe.router.second_expert_policy": {"model.moe.router.kind": "gshard"},
-    "model.moe.router.second_expert_threshold": {"model.moe.router.kind": "gshard"},
+    _ROUTER + "k": {_ROUTER + "kind": "topk"},
+    _ROUTER + "normalize_weights": {_ROUTER + "kind": "topk", _ROUTER + "k": 2},
+    _ROUTER + "second_expert_": {_ROUTER + "kind": "gshard"},
+    _ROUTER + "allow_noncausal": {_ROUTER + "kind": "expert_choice"},
+    _ROUTER + "noisy_topk.": {_ROUTER + "kind": "noisy_topk", _ROUTER + "k": 2},
+    _ROUTER + "noisy_topk.noise_std": {_ROUTER + "kind": "noisy_topk", _ROUTER + "k": 2,
+                                       _ROUTER + "noisy_topk.noise": "fixed"},
+    _ROUTER + "soft.": {_ROUTER + "kind": "soft", _ROUTER + "allow_noncausal": True,
+                        "model.moe.dispatch": "einsum"},
+    _ROUTER + "sinkhorn.": {_ROUTER + "kind": "sinkhorn", _ROUTER + "k": 1,
+                            _ROUTER + "allow_noncausal": True},
+    _ROUTER + "hash.": {_ROUTER + "kind": "hash"},
+    _ROUTER + "deepseek.": {_ROUTER + "kind": "deepseek", _ROUTER + "k": 2},
+    _ROUTER + "deepseek.topk_groups": {_ROUTER + "kind": "deepseek", _ROUTER + "k": 2,
+                                       _ROUTER + "deepseek.num_groups": 4},
 }
+
+
+def context(path):
+  """The settings of the longest CONTEXT prefix of `path`, as (path, value) overrides."""
+  matches = [p for p in CONTEXT if path.startswith(p)]
+  return list(CONTEXT[max(matches, key=len)].items()) if matches else []
 
 
 def other_value(path, hint, current):
@@ -120,8 +138,7 @@ def test_every_typed_field_is_settable_from_the_command_line(path, hint):
   old = current_value(path)
   new = other_value(path, hint, old)
   assert new != old
-  context = list(CONTEXT.get(path, {}).items())
-  config = parse(*context, (path, new))
+  config = parse(*context(path), (path, new))
   assert lookup(config, path) == new
   experiment = config_lib.experiment_config_from(config, num_devices=DEVICES, num_processes=1)
   assert typed_config.as_plain(lookup(experiment, path)) == typed_config.as_plain(new)
@@ -133,7 +150,7 @@ FLOATS = [p for p, h, _ in PATHS if typed_config._split_optional(h)[0] is float]
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("path", FLOATS)
 def test_non_finite_floats_are_rejected_naming_the_field(path, value):
-  config = parse(*CONTEXT.get(path, {}).items(), (path, value))
+  config = parse(*context(path), (path, value))
   with pytest.raises(ConfigError, match="^" + re.escape(f"{path}={value}")) as error:
     config_lib.experiment_config_from(config, num_devices=DEVICES, num_processes=1)
   assert error.value.field == path
@@ -157,9 +174,9 @@ def test_topk_router_from_the_command_line():
 
 
 @pytest.mark.parametrize("path, value, reason", [
-    ("model.moe.router.normalize_weights", False, "only kind='topk' reads it"),
-    ("model.moe.router.second_expert_policy", "random", "only kind='gshard' reads it"),
-    ("model.moe.router.second_expert_threshold", 0.5, "only kind='gshard' reads it"),
+    ("model.moe.router.normalize_weights", False, "model.moe.router.kind='switch' does not"),
+    ("model.moe.router.second_expert_policy", "random", "model.moe.router.kind='switch' does "),
+    ("model.moe.router.noisy_topk.load_loss_weight", 0.5, "model.moe.router.kind='switch' "),
 ])
 def test_a_setting_the_router_does_not_use_is_an_error(path, value, reason):
   config = parse((path, value))

@@ -808,12 +808,14 @@ def test_router_properties_and_sequential_reference(case):
   kind, E, k, normalize, factor, min_capacity, prioritized, train, policy, threshold, S, pad = case
   G = 24
   other_factor = factor * 2 + 0.5  # the factor of the other mode must not be used
+  # Settings of one kind only: a setting the kind does not read is refused.
+  own = (dict(k=k, normalize_weights=normalize) if kind == "topk" else
+         dict(second_expert_policy=policy, second_expert_threshold=threshold)
+         if kind == "gshard" else {})
   config = RouterConfig(
-      kind=kind, num_experts=E, k=k if kind == "topk" else None, normalize_weights=normalize,
-      capacity_factor_train=factor if train else other_factor,
+      kind=kind, num_experts=E, capacity_factor_train=factor if train else other_factor,
       capacity_factor_eval=other_factor if train else factor, min_capacity=min_capacity,
-      batch_prioritized=prioritized, second_expert_policy=policy,
-      second_expert_threshold=threshold)
+      batch_prioritized=prioritized, **own)
   random_second = kind == "gshard" and train and policy == "random"
 
   def gate_fn(probs):  # the router weights of the k choices, for the near-tie checks
@@ -889,7 +891,7 @@ def test_expert_capacity_matches_integer_arithmetic(k, S, E, hundredths, min_cap
 
 
 @pytest.mark.parametrize("kwargs, field, value", [
-    (dict(kind="expert_choice"), "kind", "'expert_choice'"),
+    (dict(kind="bogus"), "kind", "'bogus'"),
     (dict(kind="gshard", second_expert_policy="sometimes"), "second_expert_policy",
      "'sometimes'"),
     (dict(num_experts=0), "num_experts", "0"),
@@ -925,7 +927,7 @@ def test_invalid_config_raises_value_error_naming_field_and_value(kwargs, field,
 
 def test_unknown_enum_value_lists_the_allowed_ones():
   with pytest.raises(ValueError) as error:
-    RouterConfig(kind="expert_choice")
+    RouterConfig(kind="bogus")
   for allowed in ("'switch'", "'gshard'", "'topk'"):
     assert allowed in str(error.value)
 

@@ -1,0 +1,90 @@
+"""Routers: pure functions from float32 router logits to one `RoutingDecision` type.
+
+Dimension letters (docs/design.md): G groups, S tokens per group, E experts, K assignments per
+token, C expert capacity (slots per expert per group).
+
+    route(logits_GSX, config, train=, padding_mask_GS=, inputs=) -> RoutingDecision
+
+looks the router kind up in the family table (`family.py`) and calls its routing function; every
+family returns the same decision type (`decision.py`), which both dispatch forms execute (soft
+MoE's dense decision: the einsum form only). The modules:
+
+    config.py         RouterConfig and one typed group per family
+    decision.py       RoutingDecision, RoutingStats (losses and metrics), RouterInputs
+    capacity.py       expert capacity, the k-major slot claim, batch priority
+    losses.py         auxiliary losses, each citing its paper's equation
+    token_choice.py   switch, gshard, topk
+
+A decision, for each token's k-th assignment:
+
+* `expert_index_GSK` int32: the expert (k = 0 is the first choice);
+* `slot_GSK` int32: the slot that assignment occupies in its expert's buffer, in [0, C) when kept;
+* `keep_GSK` bool: the assignment fits in capacity, the token is not padding, and (GShard's
+  "random" policy) the second expert was not switched off;
+* `weight_GSK` float32: the combine weight, equal to the router weight where kept and 0 elsewhere;
+* `stats`: per-group sums from which the auxiliary losses and metrics are computed.
+
+The one-hot `dispatch_GSEC` / `combine_GSEC` tensors of the GShard formulation are derived from the
+decision on demand, so one decision drives both dispatch forms.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.routing import token_choice  # noqa: F401  (registers its families)
+from moejax.routing.capacity import expert_capacity
+from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
+                                   HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,
+                                   RouterKind, SecondExpertPolicy, SinkhornConfig, SoftConfig)
+from moejax.routing.decision import RouterInputs, RoutingDecision, RoutingStats
+from moejax.routing.family import REGISTRY, Family
+from moejax.typed_config import ConfigError, parse_enum
+
+__all__ = [
+    "BalanceConfig", "ConfigError", "DeepseekConfig", "DeepseekScore", "Family", "HashConfig",
+    "HashTableKind", "NoiseKind", "NoisyTopkConfig", "REGISTRY", "RouterConfig", "RouterInputs",
+    "RouterKind", "RoutingDecision", "RoutingStats", "SecondExpertPolicy", "SinkhornConfig",
+    "SoftConfig", "aux_loss", "expert_capacity", "parse_enum", "route",
+]
+
+
+def route(logits_GSX: jax.Array, config: RouterConfig, *, train: bool,
+          padding_mask_GS: jax.Array | None = None, uniform_GS: jax.Array | None = None,
+          inputs: RouterInputs | None = None) -> RoutingDecision:
+  """Routes each group's tokens to experts.
+
+  Args:
+    logits_GSX: router logits, X = E * family.logits_per_expert; computed in float32 (cast here).
+    config: the router settings.
+    train: selects the capacity factor and the training-only behaviour of a family (noise,
+      GShard's random policy, Sinkhorn balancing).
+    padding_mask_GS: True for real tokens, False for padding. Padding takes no capacity and counts
+      in no loss or metric. None means every token is real.
+    uniform_GS: shorthand for `inputs.uniform_GS` (GShard's random second-expert policy).
+    inputs: what else the family reads (token ids, noise, the balancing bias).
+  """
+  logits_GSX = logits_GSX.astype(jnp.float32)
+  G, S, X = logits_GSX.shape
+  family = config.family
+  expected = config.num_experts * family.logits_per_expert(config)
+  if X != expected:
+    raise ValueError(f"logits have {X} entries on their last axis but {config.PATH}."
+                     f"num_experts={config.num_experts} with kind={config.kind.value!r} needs "
+                     f"{expected}.")
+  if padding_mask_GS is None:
+    padding_mask_GS = jnp.ones((G, S), jnp.bool_)
+  inputs = inputs or RouterInputs()
+  if uniform_GS is not None:
+    inputs = RouterInputs(**{**vars(inputs), "uniform_GS": uniform_GS})
+  return family.route(logits_GSX, config, train=train, mask_GS=padding_mask_GS.astype(jnp.bool_),
+                      inputs=inputs)
+
+
+def aux_loss(config: RouterConfig, losses: dict[str, jax.Array]) -> jax.Array:
+  """The weighted sum of the auxiliary losses a layer adds to the training loss."""
+  total = jnp.zeros((), jnp.float32)
+  for name, weight in config.loss_weights().items():
+    total = total + weight * losses[name]
+  return total
