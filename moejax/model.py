@@ -287,14 +287,16 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(config.model_dim, param_dtype=pdt)
     self.is_moe = config.is_moe_block(index)
     if self.is_moe:
-      self.ffn = MoeLayer(config.model_dim, config.moe, rngs=rngs, param_dtype=pdt)
+      self.ffn = MoeLayer(config.model_dim, config.moe, rngs=rngs, param_dtype=pdt,
+                          vocab_size=config.vocab_size)
     else:
       self.ffn = DenseFfn(config, rngs=rngs)
     rate = config.dropout_rate
     self.dropout = nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
 
   def __call__(self, x_BLM: jax.Array, allowed_BLT: jax.Array, mask_BL: jax.Array | None,
-               train: bool) -> tuple[jax.Array, MoeAux | None]:
+               train: bool, inputs_BL: jax.Array | None = None
+               ) -> tuple[jax.Array, MoeAux | None]:
     with jax.named_scope("attention"):
       y_BLM = self.attention(self.attention_norm(x_BLM), allowed_BLT)
       x_BLM = x_BLM + self.dropout(y_BLM, deterministic=not train)
@@ -302,7 +304,8 @@ class Block(nnx.Module):
     h_BLM = self.ffn_norm(x_BLM)
     if self.is_moe:
       with jax.named_scope("moe"):
-        y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=mask_BL, train=train)
+        y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=mask_BL, train=train,
+                              token_ids_BL=inputs_BL if self.ffn.hash_table is not None else None)
     else:
       with jax.named_scope("ffn"):
         y_BLM = self.ffn(h_BLM)
@@ -352,7 +355,7 @@ class Transformer(nnx.Module):
     allowed_BLT = attention_mask(L, mask_BL)
     aux_by_layer = {}
     for i, block in enumerate(self.blocks):
-      x_BLM, aux = block(x_BLM, allowed_BLT, mask_BL, train)
+      x_BLM, aux = block(x_BLM, allowed_BLT, mask_BL, train, inputs_BL)
       if aux is not None:
         aux_by_layer[f"layer_{i}"] = aux
     x_BLM = self.final_norm(x_BLM)

@@ -349,7 +349,11 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router
     router_in_GSM = x_GSM.astype(jnp.float32)
     if jitter_TM is not None:
       router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M)
-    logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(jnp.float32))
+    logits_fn = config.router.family.logits
+    if logits_fn is None:
+      logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(jnp.float32))
+    else:
+      logits_GSX = logits_fn(router_in_GSM, router_MX.astype(jnp.float32), inputs)
     grouped = {name: getattr(inputs, name).reshape(G, S, *getattr(inputs, name).shape[1:])
                for name in _TOKEN_INPUTS if getattr(inputs, name) is not None}
     inputs = dataclasses.replace(inputs, **grouped)
@@ -379,6 +383,10 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router
 # ----------------------------------------------------------------------------- the module
 
 
+class RouterState(nnx.Variable):
+  """Router state that is not a parameter: the balancing bias, a hash table."""
+
+
 class MoeLayer(nnx.Module):
   """A Mixture-of-Experts FFN: x (B, L, M) -> (y (B, L, M), MoeAux).
 
@@ -388,14 +396,30 @@ class MoeLayer(nnx.Module):
   """
 
   def __init__(self, model_dim: int, config: MoeConfig, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, vocab_size: int | None = None):
     self.config = config
     self.model_dim = M = model_dim
     E, F = config.router.num_experts, config.ffn_dim
+    family = config.router.family
     # The router starts small so that early routing is near uniform (Switch Sec. 2.4).
     router_init = jax.nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
-    self.router = sharding.param(router_init(rngs.params(), (M, E), param_dtype),
+    width = E * family.logits_per_expert(config.router)
+    self.router = sharding.param(router_init(rngs.params(), (M, width), param_dtype),
                                  ("embed", None))
+    # Soft MoE's learned scale of its normalised logits (Puigcerver et al. 2023, Sec. 2.3).
+    self.router_scale = nnx.data(None)
+    if family.normalized_logits:
+      self.router_scale = sharding.param(jnp.ones((), param_dtype), ())
+    # State that is not a parameter (no gradient, no optimizer), kept in checkpoints.
+    self.balance_bias = nnx.data(None)
+    if family.biased and config.router.balance.bias_update_rate > 0:
+      self.balance_bias = RouterState(jnp.zeros((E,), jnp.float32))
+    self.hash_table = nnx.data(None)
+    if family.token_ids:
+      if vocab_size is None:
+        raise ValueError(f"{config.router.PATH}.kind={config.router.kind.value!r} routes by token "
+                         "id: MoeLayer needs vocab_size.")
+      self.hash_table = RouterState(family.initial_table(config.router, vocab_size))
     batched = dict(in_axis=1, out_axis=2, batch_axis=0)
     expert_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                        **batched)
@@ -411,7 +435,13 @@ class MoeLayer(nnx.Module):
     self.rngs = rngs.fork() if needs_rng else None
 
   def __call__(self, x_BLM: jax.Array, *, padding_mask_BL: jax.Array | None = None,
-               train: bool = False) -> tuple[jax.Array, MoeAux]:
+               token_ids_BL: jax.Array | None = None, train: bool = False
+               ) -> tuple[jax.Array, MoeAux]:
+    """y (B, L, M) and MoeAux; `token_ids_BL` for routers that route by token id (hash).
+
+    In training, the aux-loss-free balancing bias (when on) moves after routing by
+    `bias_update_rate * sign(mean load - load)` over the whole batch (Wang et al. 2024).
+    """
     B, L, M = x_BLM.shape
     cfg = self.config
     dtype = cfg.compute_dtype
@@ -422,6 +452,7 @@ class MoeLayer(nnx.Module):
     token_shards = X * sharding.mesh_axis_size(mesh, sharding.DATA)
     _check_shapes(cfg, B * L, token_shards, X)
     jitter, keep, inputs = self._random_inputs(B * L, train, mesh)
+    inputs = self._state_inputs(inputs, token_ids_BL)
     weights = (self.router[...], self.wi[...].astype(dtype), self.wo[...].astype(dtype),
                None if self.wg is None else self.wg[...].astype(dtype))
     args = (x_TM, mask_T, jitter, keep, inputs, *weights)
@@ -431,11 +462,32 @@ class MoeLayer(nnx.Module):
       y_TM, stats = _sharded(cfg, train, mesh)(*args)
     losses, metrics = stats.summarize()
     aux_loss = routing.aux_loss(cfg.router, losses)
+    if self.balance_bias is not None:
+      metrics["balance_bias"] = self.balance_bias[...]
+      if train:
+        load_E = jnp.sum(stats.assigned_GE, axis=0)
+        step = cfg.router.balance.bias_update_rate * jnp.sign(jnp.mean(load_E) - load_E)
+        self.balance_bias[...] = self.balance_bias[...] + step
     # Give y the input's layout: splitting T back into (B, L) is otherwise ambiguous on an
     # Explicit mesh (with expert=1 it could put L over the expert axis).
     out_sharding = None if mesh.empty else jax.typeof(x_BLM).sharding
     y_BLM = jnp.reshape(y_TM, (B, L, M), out_sharding=out_sharding)
     return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
+
+  def _state_inputs(self, inputs: RouterInputs, token_ids_BL) -> RouterInputs:
+    """Adds the balancing bias, the hash table and the token ids the family reads."""
+    changes = {}
+    if self.balance_bias is not None:
+      changes["bias_E"] = self.balance_bias[...]
+    if self.hash_table is not None:
+      if token_ids_BL is None:
+        raise ValueError(f"{self.config.router.PATH}.kind={self.config.router.kind.value!r} "
+                         "routes by token id: call the layer with token_ids_BL.")
+      changes["hash_table_V"] = self.hash_table[...]
+      changes["token_ids_GS"] = token_ids_BL.reshape(-1).astype(jnp.int32)
+    if self.router_scale is not None:
+      changes["scale"] = self.router_scale[...].astype(jnp.float32)
+    return dataclasses.replace(inputs, **changes)
 
   def _random_inputs(self, num_tokens: int, train: bool, mesh):
     """Router jitter, the expert-dropout mask and the router family's random inputs for one call.

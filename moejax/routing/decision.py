@@ -38,6 +38,7 @@ class RouterInputs:
   token_ids_GS: jax.Array | None = None  # int32 token ids (hash routing)
   hash_table_V: jax.Array | None = None  # int32 expert of each vocabulary entry (hash routing)
   bias_E: jax.Array | None = None  # aux-loss-free balancing bias, added for selection only
+  scale: jax.Array | None = None  # learned logit scale (soft MoE's normalised logits)
 
 
 @jax.tree_util.register_dataclass

@@ -43,6 +43,8 @@ class Family:
     dense: the decision carries dense dispatch and combine weights (einsum form only).
     losses: auxiliary losses it returns, each with the RouterConfig path of its weight.
     biased: selection reads the aux-loss-free balancing bias when `balance.bias_update_rate` > 0.
+    logits: (x_GSM float32, w_MX float32, inputs) -> logits_GSX, replacing x @ w (soft MoE).
+    initial_table: (config, vocab_size) -> int32 (V,) expert per token id (token_ids families).
   """
 
   route: Callable[..., Any]
@@ -58,6 +60,8 @@ class Family:
   dense: bool = False
   losses: tuple[tuple[str, str], ...] = ()
   biased: bool = False
+  logits: Callable[..., Any] | None = None
+  initial_table: Callable[..., Any] | None = None
 
 
 REGISTRY: dict[Any, Family] = {}
