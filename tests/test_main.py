@@ -74,6 +74,11 @@ def test_bad_input_prints_one_line_and_exits_2(tmp_path, flags, parts):
   _assert_one_line(_run(*flags, f"--workdir={tmp_path / 'run'}"), *parts)
 
 
+def test_bad_environment_setting_is_bad_input(tmp_path):
+  _assert_one_line(_run(TINY, f"--workdir={tmp_path}", env=_env(MOEJAX_WATCH_PEERS="yes")),
+                   "moejax: MOEJAX_WATCH_PEERS='yes' must be 0 or 1.")
+
+
 def test_traceback_flag_adds_the_traceback(tmp_path):
   result = _run(TINY, f"--workdir={tmp_path}", "--config.train.num_steps=-5", "--traceback")
   assert result.returncode == 2

@@ -14,7 +14,8 @@ layer's all-to-alls cross between the two processes. Checked:
          killed, fails or is stopped by SIGTERM early ends the other one with one last line that
          says which process and why (workers joined by `Peers.join` alone, and a `moejax.main`
          run where one process gets bad input); a process that finishes first waits for the
-         others instead of taking them down;
+         others instead of taking them down; with MOEJAX_WATCH_PEERS=0 JAX's own abort of the
+         survivor, which the watch replaces, comes back;
   (f)    SIGKILL of process 1 mid-run makes process 0 exit with status 75 and the line naming
          process 1 and the checkpoint to resume from, within the heartbeat timeout (5 s here)
          and a little, and a rerun resumes from the last checkpoint (slow: 2-3 minutes).
@@ -316,8 +317,16 @@ def _peers_worker(scenario: str) -> None:
   """Run as a script, once per process: joins with `distributed.Peers` and plays `scenario`;
   the main thread otherwise waits for a key-value entry that never comes, as a process waits in
   a collective for a peer (it fails when this process's client disconnects)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   from moejax import distributed  # pylint: disable=g-import-not-at-top
   peers = distributed.Peers.join(resume_advice=lambda: "rerun the same command on all processes")
+  if peers is None:  # MOEJAX_WATCH_PEERS=0: JAX alone
+    me = jax_distributed.global_state.process_id
+    print(f"joined {me} unwatched", flush=True)
+    if me == 1:
+      os.kill(os.getpid(), signal.SIGKILL)
+    jax_distributed.global_state.client.blocking_key_value_get("never", 120_000)
+    return
   me = peers.process_index
   print(f"joined {me}", flush=True)
   try:
@@ -342,7 +351,8 @@ def _peers_worker(scenario: str) -> None:
     raise
 
 
-def _run_peers(tmp: pathlib.Path, scenario: str) -> tuple[list[int], list[str], float]:
+def _run_peers(tmp: pathlib.Path, scenario: str, **env_extra: str
+               ) -> tuple[list[int], list[str], float]:
   """Two `_peers_worker` processes; returns (exit statuses, outputs, seconds)."""
   port = _free_port()
   procs = []
@@ -350,7 +360,7 @@ def _run_peers(tmp: pathlib.Path, scenario: str) -> tuple[list[int], list[str], 
   for i in range(2):
     env = _env(tmp, MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2",
                MOEJAX_PROCESS_ID=str(i), MOEJAX_HEARTBEAT_TIMEOUT_SECONDS=str(HEARTBEAT_S),
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), **env_extra)
     procs.append(_start([sys.executable, __file__, "peers-worker", scenario], env,
                         tmp / f"peers_{scenario}_{i}.log"))
   statuses = [_finish(p, 120) for p in procs]
@@ -392,6 +402,17 @@ def test_a_process_that_leaves_ends_the_run_with_one_line(tmp, scenario, statuse
       assert re.search(pattern, _last_line(output)), output
     # JAX's own ending (an abort from its error poller) never shows.
     assert "Terminating process" not in output and "Check failure" not in output, output
+
+
+def test_without_the_watch_jax_aborts_the_survivor(tmp):
+  """MOEJAX_WATCH_PEERS=0 keeps JAX's own reaction to a dead process, which the watch replaces:
+  the survivor is aborted from JAX's error-polling thread (SIGABRT, a C++ stack dump)."""
+  statuses, outputs, seconds = _run_peers(tmp, "unwatched", MOEJAX_WATCH_PEERS="0")
+  print(f"unwatched: statuses {statuses} after {seconds:.1f} s")
+  assert statuses == [-signal.SIGABRT, -signal.SIGKILL], outputs
+  assert "Terminating process because the JAX distributed service detected fatal errors" in (
+      outputs[0])
+  assert "moejax:" not in outputs[0]
 
 
 def _children(pid: int) -> list[int]:
