@@ -1,6 +1,6 @@
 """Routers: pure functions from router logits to a routing decision.
 
-Dimension letters (DESIGN.md): G groups, S tokens per group, E experts, K experts per token,
+Dimension letters (docs/design.md): G groups, S tokens per group, E experts, K experts per token,
 C expert capacity (slots per expert per group).
 
 A router turns `logits_GSE` (float32) into a `RoutingDecision`:
