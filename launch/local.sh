@@ -32,7 +32,7 @@ mkdir -p "$log_dir"
 port=${MOEJAX_PORT:-$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 pids=()
-# shellcheck disable=SC2317  # invoked from the traps below
+# shellcheck disable=SC2317,SC2329  # invoked from the traps below
 forward() { for pid in "${pids[@]}"; do kill -"$1" "$pid" 2>/dev/null || true; done; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT

@@ -1,6 +1,6 @@
 """A decoder-only transformer language model whose FFN is an MoE layer every `moe_every` blocks.
 
-Dimension letters (DESIGN.md): B batch, L sequence (query positions), M model width, F FFN width,
+Dimensions (docs/design.md): B batch, L sequence (query positions), M model width, F FFN width,
 H heads, D head width, V vocabulary. Attention also needs the key positions, written T (the same
 length as L; T is not a token count here), and RoPE the R = D/2 rotated pairs of a head.
 

