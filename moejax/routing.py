@@ -7,8 +7,8 @@ A router turns `logits_GSE` (float32) into a `RoutingDecision`:
 
 * `expert_index_GSK` int32: the k-th expert chosen by each token (k = 0 is its first choice);
 * `slot_GSK` int32: the slot that assignment occupies in its expert's buffer, in [0, C) when kept;
-* `keep_GSK` bool: the assignment fits in capacity, the token is not padding, and (GShard's
-  "random" policy) the second expert was not switched off;
+* `keep_GSK` bool: the assignment fits in capacity, the token is not padding and has finite
+  logits, and (GShard's "random" policy) the second expert was not switched off;
 * `weight_GSK` float32: the combine weight, equal to the router weight where kept and 0 elsewhere;
 * `stats`: per-group sums from which the auxiliary losses and metrics are computed.
 
@@ -243,15 +243,24 @@ def route(logits_GSE: jax.Array, config: RouterConfig, *, train: bool,
       in no loss or metric. None means every token is real.
     uniform_GS: uniform [0, 1) numbers, one per token, for the random second-expert policy; needed
       only when that policy is active (`train` and `second_expert_policy == RANDOM`).
+
+  A token whose logits are not all finite (NaN, +inf or -inf anywhere) is routed as padding: it
+  claims no capacity, gets weight 0, counts in no loss or metric, and its logits get a zero
+  gradient. Its logits are replaced by zeros before any arithmetic, so that no 0 * NaN in the
+  forward or backward pass (softmax, logsumexp, top-k) reaches another token's decision, loss,
+  metric or gradient. Tokens with finite logits are routed as before.
   """
   logits_GSE = logits_GSE.astype(jnp.float32)
   G, S, E = logits_GSE.shape
   if E != config.num_experts:
     raise ValueError(
         f"logits have {E} experts on their last axis but router.num_experts={config.num_experts}.")
+  finite_GS = jnp.all(jnp.isfinite(logits_GSE), axis=-1)
+  logits_GSE = jnp.where(finite_GS[..., None], logits_GSE, 0.0)
   if padding_mask_GS is None:
-    padding_mask_GS = jnp.ones((G, S), jnp.bool_)
-  padding_mask_GS = padding_mask_GS.astype(jnp.bool_)
+    padding_mask_GS = finite_GS
+  else:
+    padding_mask_GS = padding_mask_GS.astype(jnp.bool_) & finite_GS
   K = config.k
   C = config.capacity(S, train=train)
 
@@ -312,7 +321,8 @@ def _routing_stats(logits_GSE, probs_GSE, expert_index_GSK, mask_GS, active_GSK,
   E = logits_GSE.shape[-1]
   m_GS = mask_GS.astype(jnp.float32)
   num_tokens_G = jnp.sum(m_GS, axis=1)
-  # Padding may hold any logits, even inf or NaN: select (not multiply) so none of it leaks.
+  # Padding counts nowhere: select, not multiply (its logits are finite, as route() zeroes
+  # non-finite ones, but large finite logits can still give an infinite z).
   valid = lambda a: jnp.where(mask_GS.reshape(mask_GS.shape + (1,) * (a.ndim - 2)), a, 0.0)
   denom_G = jnp.maximum(num_tokens_G, 1.0)
   # Switch load-balancing loss (Fedus et al. 2021, eq. 4-6): f_i from first choices before capacity.
