@@ -15,6 +15,14 @@ flattened rows,
 and moves rows with gathers only. Because kept assignments and filled slots are in one-to-one
 correspondence, the transpose of each gather is again a gather through the other map
 (`_gather_rows` has a custom VJP), so neither the forward nor the backward pass scatters M-wide rows.
+
+Non-finite values: a token that reaches no expert (padding, dropped, or not routed because it
+holds NaN/inf) may hold anything, and so may the cotangent of its output; neither form lets it
+reach another token's output or gradient. The index form never touches such rows; the einsum form,
+whose contractions multiply them by zero one-hot entries (0 * NaN = NaN), selects them away in
+dispatch and selects the unrouted outputs in combine. A non-finite expert output in a filled
+slot is a different matter: the einsum combine spreads it over the group's tokens, the index
+combine gives it to the slot's own token only.
 """
 
 from __future__ import annotations
@@ -53,8 +61,8 @@ class EinsumDispatcher:
     self.dense = decision.is_dense
 
   def dispatch(self, x_GSM: jax.Array) -> jax.Array:
-    # Tokens that reach no expert (padding, dropped) may hold anything, even NaN: select them
-    # away, since a zero one-hot entry times NaN would still poison the whole buffer.
+    # Tokens that reach no expert (padding, dropped, non-finite) may hold anything, even NaN:
+    # select them away, since a zero one-hot entry times NaN would still poison the whole buffer.
     x_GSM = jnp.where(self.routed_GS[..., None], x_GSM, jnp.zeros_like(x_GSM))
     dispatch_GSEC = self.dispatch_GSEC.astype(x_GSM.dtype)
     return jnp.einsum("GSEC,GSM->EGCM", dispatch_GSEC, x_GSM)
@@ -71,7 +79,11 @@ class EinsumDispatcher:
       return jnp.einsum("EGCM,GSEC->GSM", y_EGCM, self.combine_GSEC.astype(y_EGCM.dtype))
     weight_EGC = jnp.einsum("GSEC->EGC", self.combine_GSEC).astype(y_EGCM.dtype)
     dispatch_GSEC = jax.lax.stop_gradient(self.dispatch_GSEC.astype(y_EGCM.dtype))
-    return jnp.einsum("EGCM,GSEC->GSM", y_EGCM * weight_EGC[..., None], dispatch_GSEC)
+    y_GSM = jnp.einsum("EGCM,GSEC->GSM", y_EGCM * weight_EGC[..., None], dispatch_GSEC)
+    # An unrouted token's output is zero either way; the select keeps its cotangent, which may be
+    # NaN (a NaN padding token's loss times a zero mask), out of the backward contraction, which
+    # would otherwise spread 0 * NaN over every slot of the group.
+    return jnp.where(self.routed_GS[..., None], y_GSM, jnp.zeros_like(y_GSM))
 
 
 class IndexDispatcher:

@@ -16,6 +16,13 @@ Groups never straddle devices, so the sharded layer forms exactly the groups of 
 layer and gives the same outputs, losses and gradients. Random numbers (router jitter, GShard's
 random policy, the expert-dropout mask) are drawn in the global view, outside `shard_map`, for the
 same reason: training steps match too.
+
+Non-finite inputs stay with their token. A token whose input or router logits hold NaN or inf is
+not routed (it claims no capacity, reaches no expert and counts in no aux loss or metric), so the
+other tokens' outputs, the losses, the metrics and every gradient the other tokens contribute are
+exactly those of the same batch with that token marked as padding, in both dispatch forms. A real
+such token's output is NaN, so that the fault shows in the loss rather than passing for a dropped
+token; a padded one's output is zero, and padding may hold anything.
 """
 
 from __future__ import annotations
@@ -340,25 +347,22 @@ _TOKEN_INPUTS = ("uniform_GS", "normal_GSE", "uniform_GSE", "token_ids_GS")
 def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router_MX, wi_EMF,
                 wo_EFM, wg_EMF, *, config: MoeConfig, train: bool, expert_axis: str | None = None,
                 model_axis: str | None = None):
-  """The MoE layer on one device's tokens. Returns y_TM and per-group RoutingStats."""
+  """The MoE layer on one device's tokens. Returns y_TM and per-group RoutingStats.
+
+  Non-finite tokens (see `_router_logits`) are not routed; a real one's output is NaN, a padded
+  one's is zero like any padding's.
+  """
   T, M = x_TM.shape
   S = config.group_size
   G = T // S
   x_GSM = x_TM.reshape(G, S, M)
   with jax.named_scope("route"):
-    router_in_GSM = x_GSM.astype(jnp.float32)
-    if jitter_TM is not None:
-      router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M)
-    logits_fn = config.router.family.logits
-    if logits_fn is None:
-      logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(jnp.float32))
-    else:
-      logits_GSX = logits_fn(router_in_GSM, router_MX.astype(jnp.float32), inputs)
     grouped = {name: getattr(inputs, name).reshape(G, S, *getattr(inputs, name).shape[1:])
                for name in _TOKEN_INPUTS if getattr(inputs, name) is not None}
     inputs = dataclasses.replace(inputs, **grouped)
-    decision = route(logits_GSX, config.router, train=train,
-                     padding_mask_GS=None if mask_T is None else mask_T.reshape(G, S),
+    logits_GSX, finite_GS = _router_logits(x_GSM, jitter_TM, router_MX, inputs, config.router)
+    routable_GS = finite_GS if mask_T is None else finite_GS & mask_T.reshape(G, S)
+    decision = route(logits_GSX, config.router, train=train, padding_mask_GS=routable_GS,
                      inputs=inputs)
   with jax.named_scope("dispatch"):
     dispatcher = make_dispatcher(config.dispatch, decision)
@@ -377,7 +381,36 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router
       # (E/X, X*G, C, M) -> (E, G, C, M): results return to the devices that own the tokens.
       y_EGCM = jax.lax.all_to_all(y_EGCM, expert_axis, split_axis=1, concat_axis=0, tiled=True)
     y_GSM = dispatcher.combine(y_EGCM)
+    # A real token that was not routed for holding NaN/inf shows it in its output (its downstream
+    # loss turns NaN), rather than passing for a dropped token; the select also stops whatever
+    # cotangent its output gets.
+    poisoned_GS = ~finite_GS if mask_T is None else ~finite_GS & mask_T.reshape(G, S)
+    y_GSM = jnp.where(poisoned_GS[..., None], jnp.asarray(jnp.nan, y_GSM.dtype), y_GSM)
   return y_GSM.reshape(T, M).astype(x_TM.dtype), decision.stats
+
+
+def _router_logits(x_GSM, jitter_TM, router_MX, inputs: RouterInputs, router: RouterConfig):
+  """Float32 router logits (G, S, X), and which tokens have finite input and logits (G, S).
+
+  X = E * logits_per_expert of the router family, whose `logits` function (soft MoE's
+  normalised logits) replaces x @ w where it has one. A token holding NaN or inf, in its input or
+  (by overflow) in its logits, is routed as padding (`route` does the same for non-finite
+  logits). Its input row is set to zero before the matmul: the weight gradient x^T g would
+  otherwise multiply that row's zero cotangent by NaN/inf and make the whole router gradient NaN.
+  Finite rows pass unchanged.
+  """
+  G, S, M = x_GSM.shape
+  finite_GS = jnp.all(jnp.isfinite(x_GSM), axis=-1)
+  router_in_GSM = jnp.where(finite_GS[..., None], x_GSM, jnp.zeros_like(x_GSM))
+  router_in_GSM = router_in_GSM.astype(jnp.float32)
+  if jitter_TM is not None:
+    router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M)
+  logits_fn = router.family.logits
+  if logits_fn is None:
+    logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(jnp.float32))
+  else:
+    logits_GSX = logits_fn(router_in_GSM, router_MX.astype(jnp.float32), inputs)
+  return logits_GSX, finite_GS & jnp.all(jnp.isfinite(logits_GSX), axis=-1)
 
 
 # ----------------------------------------------------------------------------- the module

@@ -294,3 +294,35 @@ def test_non_finite_padding_does_not_leak_into_expert_buffers(tag):
       f"({np.sum(~np.isfinite(got_EGCM))} of {got_EGCM.size} entries non-finite): multiplying by a "
       "zero one-hot entry does not remove NaN/inf; select instead of multiply")
   np.testing.assert_array_equal(got_EGCM, ref_EGCM)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_non_finite_cotangent_of_an_unrouted_token_reaches_no_gradient(tag):
+  """The output of a token kept nowhere (padding, dropped) is zero whatever it gets back: a NaN/inf
+  cotangent there (a NaN padding token's loss times a zero mask) leaves every gradient unchanged.
+  """
+  case = CASES[1]  # padding and dropped tokens
+  out = _results(case)
+  cls = {"einsum": EinsumDispatcher, "index": IndexDispatcher}[tag]
+  logits_GSE, *_ = _inputs(0)
+  unrouted_GS = ~out["decision"].keep_GSK.any(-1)
+  assert 0 < unrouted_GS.sum() < unrouted_GS.size
+
+  @jax.jit
+  def grads(r_GSM):
+    def loss(y, logits):
+      decision = route(logits, case.router, train=case.train, padding_mask_GS=out["mask"])
+      return jnp.sum(cls(decision).combine(y) * r_GSM)
+    return jax.grad(loss, argnums=(0, 1))(out["y"], logits_GSE)
+
+  r_zero = np.where(unrouted_GS[..., None], 0.0, out["r_GSM"]).astype(np.float32)
+  r_bad = np.where(unrouted_GS[..., None], np.where(np.arange(M) % 2, np.nan, -np.inf),
+                   out["r_GSM"]).astype(np.float32)
+  want_dy, want_dlogits = (np.asarray(g) for g in grads(r_zero))
+  got_dy, got_dlogits = (np.asarray(g) for g in grads(r_bad))
+  assert np.isfinite(got_dy).all() and np.isfinite(got_dlogits).all(), (
+      f"{tag} combine: NaN/inf cotangents of unrouted tokens leak into the gradients "
+      f"({np.sum(~np.isfinite(got_dy))} of {got_dy.size} expert-output gradients non-finite)")
+  np.testing.assert_array_equal(got_dy, want_dy)
+  np.testing.assert_array_equal(got_dlogits, want_dlogits)
+  assert np.abs(want_dy).max() > 1e-3 and np.abs(want_dlogits).max() > 1e-3

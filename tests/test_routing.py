@@ -544,6 +544,59 @@ def test_non_finite_padding_logits_do_not_leak():
   _compare_summaries(other, reference)
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _route_grad(logits, padding_mask_GS, cotangent_GSK, *, config):
+  """d/dlogits of sum(weight * cotangent) + load-balancing loss + z-loss, in training."""
+
+  def objective(logits):
+    decision = route(logits, config, train=True, padding_mask_GS=padding_mask_GS)
+    losses, _ = decision.stats.summarize()
+    return (jnp.sum(decision.weight_GSK * cotangent_GSK) + losses["load_balancing_loss"] +
+            losses["router_z_loss"])
+
+  return jax.grad(objective)(logits)
+
+
+@pytest.mark.parametrize("bad", [[np.nan, 0.0, 0.0, 0.0], [0.0, np.inf, 0.0, 0.0],
+                                 [-np.inf] * 4, [np.inf, -np.inf, 1.0, 2.0]],
+                         ids=["nan", "inf", "all_minus_inf", "plus_and_minus_inf"])
+def test_non_finite_logits_of_a_real_token_route_it_as_padding(bad):
+  # Spec: a real token whose logits are not all finite claims no capacity and counts in no loss or
+  # metric, and its logits get a zero gradient; everything else equals the same batch with that
+  # token marked as padding. Without this, its NaN probabilities reach the group's losses (and
+  # through them every token's gradient) and it takes a slot that another token would get.
+  G, S, E = 2, 8, 4
+  config = _config("gshard", num_experts=E, capacity_factor_train=0.5)  # C = 2: tokens overflow
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(G, S, E)).astype(np.float32) * 2.0
+  logits[:, :, 0] += 2.0  # expert 0 is popular, so its slots run out
+  mask = np.ones((G, S), bool)
+  mask[1, 5] = False
+  cotangent = jnp.asarray(rng.normal(size=(G, S, 2)), jnp.float32)
+  as_padding = mask.copy()
+  as_padding[0, 1] = False
+  bad_logits = logits.copy()
+  bad_logits[0, 1] = bad
+  got = _route(bad_logits, config, train=True, padding_mask_GS=mask)
+  want = _route(logits, config, train=True, padding_mask_GS=as_padding)
+  full = _route(logits, config, train=True, padding_mask_GS=mask)
+  assert not np.array_equal(full.keep_GSK, want.keep_GSK), "the token's slot goes to no other token"
+  np.testing.assert_array_equal(got.keep_GSK, want.keep_GSK)
+  np.testing.assert_array_equal(got.slot_GSK[got.keep_GSK], want.slot_GSK[want.keep_GSK])
+  np.testing.assert_array_equal(got.weight_GSK, want.weight_GSK)
+  np.testing.assert_array_equal(got.dispatch, want.dispatch)
+  for name, value in {**want.losses, **want.metrics}.items():
+    assert np.all(np.isfinite(value)), name
+    np.testing.assert_array_equal({**got.losses, **got.metrics}[name], value, err_msg=name)
+  grad_got = np.asarray(_route_grad(jnp.asarray(bad_logits), jnp.asarray(mask), cotangent,
+                                    config=config))
+  grad_want = np.asarray(_route_grad(jnp.asarray(logits), jnp.asarray(as_padding), cotangent,
+                                     config=config))
+  assert np.all(np.isfinite(grad_got)), "non-finite logits of one token made gradients non-finite"
+  assert np.all(grad_got[0, 1] == 0.0) and np.abs(grad_got).max() > 1e-3
+  np.testing.assert_allclose(grad_got, grad_want, rtol=1e-6, atol=1e-7)
+
+
 def _compare_summaries(decision, reference):
   for got, want in [(decision.losses, reference.losses), (decision.metrics, reference.metrics)]:
     for name in want:

@@ -19,8 +19,8 @@ A decision, for each token's k-th assignment:
 
 * `expert_index_GSK` int32: the expert (k = 0 is the first choice);
 * `slot_GSK` int32: the slot that assignment occupies in its expert's buffer, in [0, C) when kept;
-* `keep_GSK` bool: the assignment fits in capacity, the token is not padding, and (GShard's
-  "random" policy) the second expert was not switched off;
+* `keep_GSK` bool: the assignment fits in capacity, the token is not padding and has finite
+  logits, and (GShard's "random" policy) the second expert was not switched off;
 * `weight_GSK` float32: the combine weight, equal to the router weight where kept and 0 elsewhere;
 * `stats`: per-group sums from which the auxiliary losses and metrics are computed.
 
@@ -61,7 +61,8 @@ def route(logits_GSX: jax.Array, config: RouterConfig, *, train: bool,
     train: selects the capacity factor and the training-only behaviour of a family (noise,
       GShard's random policy, Sinkhorn balancing).
     padding_mask_GS: True for real tokens, False for padding. Padding takes no capacity and counts
-      in no loss or metric. None means every token is real.
+      in no loss or metric. None means every token is real. A token whose logits are not all
+      finite (NaN, +inf or -inf) is routed as padding, and its logits get a zero gradient.
     uniform_GS: shorthand for `inputs.uniform_GS` (GShard's random second-expert policy).
     inputs: what else the family reads (token ids, noise, the balancing bias).
   """
@@ -73,8 +74,14 @@ def route(logits_GSX: jax.Array, config: RouterConfig, *, train: bool,
     raise ValueError(f"logits have {X} entries on their last axis but {config.PATH}."
                      f"num_experts={config.num_experts} with kind={config.kind.value!r} needs "
                      f"{expected}.")
+  # A token whose logits are not all finite is routed as padding; its logits are zeroed first, so
+  # that no 0 * NaN in the forward or backward pass reaches another token.
+  finite_GS = jnp.all(jnp.isfinite(logits_GSX), axis=-1)
+  logits_GSX = jnp.where(finite_GS[..., None], logits_GSX, 0.0)
   if padding_mask_GS is None:
-    padding_mask_GS = jnp.ones((G, S), jnp.bool_)
+    padding_mask_GS = finite_GS
+  else:
+    padding_mask_GS = padding_mask_GS.astype(jnp.bool_) & finite_GS
   inputs = inputs or RouterInputs()
   if uniform_GS is not None:
     inputs = RouterInputs(**{**vars(inputs), "uniform_GS": uniform_GS})
