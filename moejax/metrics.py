@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from absl import logging
 from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -92,26 +93,43 @@ class TensorBoardWriter:
 
 
 class JsonlWriter:
-  """One JSON object per logged step, appended to `path`.
+  """One JSON object per logged step, appended to `path`; each step is logged once.
 
   On resume from step k (`resume_step=k`), records of steps after k (logged by the interrupted run
-  after its last checkpoint) are dropped first, so each step appears once and the file reads as
-  one uninterrupted run.
+  after its last checkpoint) are dropped first, so the file reads as one uninterrupted run. Opening
+  also repairs what a killed run can leave: a last line cut short (the kill came while it was
+  being written) is dropped, one that lacks only its newline gets it, and of records that name
+  the same step only the last is kept. The repaired file replaces the old one atomically (a new
+  file, then a rename), so a kill during the repair leaves the old file intact. Writing a step
+  that is not after the last logged one raises ValueError.
   """
 
   def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
     self._path = epath.Path(path)
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    if resume_step is not None and self._path.exists():
-      kept = [r for r in read_jsonl(self._path) if r["step"] <= resume_step]
-      self._path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    self._last_step = None
+    if self._path.exists():
+      text = self._path.read_text()
+      records, partial = _parse_jsonl(text, self._path)
+      kept = [r for r in records if resume_step is None or r["step"] <= resume_step]
+      kept = sorted({r["step"]: r for r in kept}.values(), key=lambda r: r["step"])
+      if partial is not None:
+        logging.warning("%s: dropping its last line, cut short by an interrupted run: %r",
+                        self._path, partial[:80])
+      if partial is not None or kept != records or (text and not text.endswith("\n")):
+        replace_text(self._path, "".join(json.dumps(r) + "\n" for r in kept))
+      self._last_step = kept[-1]["step"] if kept else None
     self._file = self._path.open("a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if self._last_step is not None and step <= self._last_step:
+      raise ValueError(f"{self._path}: step {step} is not after the last logged step "
+                       f"{self._last_step}; each step is logged once.")
     record = {"step": int(step)}
     record.update({k: _json_number(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()  # one line per logged step: readable (tail -f) while the run goes on
+    self._last_step = int(step)
 
   def flush(self) -> None:
     self._file.flush()
@@ -126,9 +144,62 @@ def _json_number(value: float):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a `metrics.jsonl` file, in order."""
-  lines = epath.Path(path).read_text().splitlines()
-  return [json.loads(line) for line in lines if line.strip()]
+  """The records of a `metrics.jsonl` file, in order.
+
+  A last line cut short (no newline at its end and not valid JSON: the run was killed while
+  writing it, or is writing it now) is left out. Any other line that is not a JSON object with a
+  "step" raises ValueError naming the file and the line number.
+  """
+  records, _ = _parse_jsonl(epath.Path(path).read_text(), path)
+  return records
+
+
+def _parse_jsonl(text: str, path) -> tuple[list[dict[str, Any]], str | None]:
+  """(records, the partial last line or None); see `read_jsonl`."""
+  lines = text.split("\n")  # the text after the last newline, if any, is the last element
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # not followed by a newline: cut short
+        return records, line
+      raise ValueError(f"{path}, line {number}: not a JSON record ({e}): {line[:80]!r}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+      raise ValueError(f"{path}, line {number}: a record must be a JSON object with an integer "
+                       f"\"step\": {line[:80]!r}")
+    records.append(record)
+  return records, None
+
+
+def replace_text(path: epath.Path, text: str) -> None:
+  """Replaces the file `path` with `text` atomically: readers see the old or the new content.
+
+  The text goes to a temporary file beside `path`, which then takes its name (`epath`'s
+  replace: os.replace for local files; on GCS a copy and a delete, which replaces the object
+  whole). A file system without a rename gets `text` written in place instead.
+  """
+  temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+  try:
+    with temporary.open("w") as f:
+      f.write(text)
+      f.flush()
+      try:
+        fd = f.fileno()
+      except (AttributeError, OSError, ValueError):  # not a local file
+        fd = None
+      if fd is not None:
+        os.fsync(fd)
+    try:
+      temporary.replace(path)
+    except NotImplementedError:
+      path.write_text(text)
+      temporary.unlink(missing_ok=True)
+  except BaseException:
+    temporary.unlink(missing_ok=True)
+    raise
 
 
 class MultiWriter:

@@ -1,6 +1,7 @@
 """Training and evaluation of a moejax language model: `train_and_evaluate(config, workdir)`.
 
-The loop is linear, in the order of its banner comments:
+The run holds the workdir's lock (`lock.py`: a second run on the same workdir fails at once,
+naming this one). The rest is linear, in the order of its banner comments:
 
     mesh    (data, expert, model) device mesh from `config.mesh`
     input   dataset + tokenizer (built on first use), this process's training iterator
@@ -8,7 +9,7 @@ The loop is linear, in the order of its banner comments:
     shard   parameters and optimizer state created directly in their shardings
     restore the newest checkpoint in WORKDIR/checkpoints, if there is one
     update  `train_step` / `eval_step`, jitted with explicit shardings
-    loop    steps, metrics, evaluation, checkpoints, SIGTERM
+    loop    steps, metrics, evaluation, checkpoints, SIGTERM, divergence (`divergence.py`)
 
 `train_step(state, batch) -> (state, metrics)` is a pure function of arrays: the model is rebuilt
 inside it from its graph definition and the parameters (`nnx.merge`). Its random streams (dropout,
@@ -39,11 +40,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import checkpoint as checkpoint_lib
 from moejax import config as config_lib
 from moejax import data as data_lib
+from moejax import divergence
+from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
 from moejax import sharding
 from moejax.config import ExperimentConfig, experiment_config_from
 from moejax.model import ModelAux, ModelConfig, Transformer
 from moejax.optim import make_optimizer
+from moejax.param_count import count_params
 
 Batch = dict[str, jax.Array]
 _STATIC = dict(static=True)
@@ -267,14 +271,28 @@ def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float
   """Trains and evaluates the experiment `config` (a ConfigDict) in `workdir`.
 
   Resumes from the newest checkpoint in WORKDIR/checkpoints. Returns the final metrics, flat:
-  "step", "train/..." (last logged step), "eval/loss", "eval/perplexity", "eval/moe/...", and
-  "train/tokens_per_sec_mean". After a SIGTERM it saves, stops early and returns with
-  "preempted" = 1.0.
+  "step", "train/..." (last logged step), "eval/loss", "eval/perplexity", "eval/moe/...",
+  "eval/step" (the step of that evaluation) and "train/tokens_per_sec_mean". The record of the
+  first logged step, min(log_every, num_steps), also holds the parameter counts
+  "model/params_*" (see `param_count`), returned too when this run logged that step. After a
+  SIGTERM it saves, stops early and returns with "preempted" = 1.0.
+
+  Raises:
+    lock.WorkdirLockedError: another run holds the workdir (WORKDIR/run.lock names it).
+    divergence.NonFiniteError: a loss, gradient norm or state to be saved was not finite; the
+      run stopped without saving it, and its checkpoints are the finite ones saved before.
   """
   jax.config.update("jax_threefry_partitionable", True)
   experiment = experiment_config_from(config)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  with lock_lib.hold_for_run(workdir):
+    return _train_and_evaluate(config, experiment, workdir)
+
+
+def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Path
+                        ) -> dict[str, float]:
+  """`train_and_evaluate` once it holds the workdir."""
   train_cfg = experiment.train
   for field, before, after in config_lib.check_resume(
       workdir, experiment, resuming=_has_checkpoints(workdir), write=jax.process_index() == 0):
@@ -314,7 +332,7 @@ def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float
 
     # ---- loop
     writer = metrics_lib.create_writers(workdir, process_index=jax.process_index(),
-                                        resume_step=latest or 0)
+                                        resume_step=int(jax.device_get(state.step)))
     try:
       result = _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source,
                      batch_sharding, checkpointer, writer)
@@ -356,44 +374,63 @@ def _with_vocab(model: ModelConfig, vocab_size: int, config) -> ModelConfig:
 
 def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_sharding,
           checkpointer, writer) -> dict[str, float]:
-  """Runs steps state.step + 1 .. num_steps; see `train_and_evaluate`."""
+  """Runs steps state.step + 1 .. num_steps; see `train_and_evaluate`.
+
+  Divergence: every step's loss and gradient norm go to a `NonFiniteWatch` on the device, read
+  whenever the loop logs, evaluates or saves anyway; a state is checked before it is saved.
+  Either raises NonFiniteError, after writing the metrics of the step that found it.
+  """
   cfg = experiment.train
   tokens_per_step = cfg.batch_size * experiment.data.seq_len
   first = int(jax.device_get(state.step)) + 1
   if first > cfg.num_steps:  # a finished run: report its final evaluation, write nothing
     final = evaluate(eval_fn, state, eval_source(), batch_sharding)
-    return {**metrics_lib.flatten_metrics({"eval": final}), "step": float(first - 1),
-            "preempted": 0.0, "train/tokens_per_sec_mean": 0.0}
+    return {**metrics_lib.flatten_metrics({"eval": final}), "eval/step": float(first - 1),
+            "step": float(first - 1), "preempted": 0.0, "train/tokens_per_sec_mean": 0.0}
+  model_scalars = _report_params(state, experiment)
   bar = metrics_lib.ProgressBar(cfg.num_steps, enabled=cfg.progress and jax.process_index() == 0)
   timer = Throughput()
+  watch = divergence.NonFiniteWatch(first, NamedSharding(batch_sharding.mesh, P()))
   result, preempted, step = {}, False, first - 1
   with checkpoint_lib.PreemptionFlag() as flag:
     for step in range(first, cfg.num_steps + 1):
       state, metrics = train_fn(state, device_batch(next(train_iter), batch_sharding))
+      watch.observe(metrics["train"])
       if step == first:  # compilation: keep it out of the throughput
         jax.block_until_ready(metrics)
         timer.resume()
       else:
         timer.add(tokens_per_step)
       scalars = {}
-      if step % cfg.log_every == 0 or step == cfg.num_steps:
+      logs = step % cfg.log_every == 0 or step == cfg.num_steps
+      if logs:
+        if step == min(cfg.log_every, cfg.num_steps):  # the run's first record: the model's size
+          scalars.update(model_scalars)
         scalars.update(metrics_lib.flatten_metrics(jax.device_get(metrics)))
         rate = timer.pause()
         if rate is not None:
           scalars["train/tokens_per_sec"] = rate
         bar.update(step, scalars["train/loss"], rate or 0.0)
       preempted = flag.should_stop()
-      if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps:
+      evaluates = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps
+      saves = preempted or step == cfg.num_steps or (cfg.checkpoint_every and
+                                                    step % cfg.checkpoint_every == 0)
+      if logs or evaluates or saves:
+        _check_finite(watch, step, checkpointer, writer, scalars)
+      if evaluates:
         timer.pause(wait_for=state)
         evaluation = evaluate(eval_fn, state, eval_source(), batch_sharding)
         scalars.update(metrics_lib.flatten_metrics({"eval": evaluation}))
-        bar.note(f"step {step}: validation loss {evaluation['loss']:.4f}, "
-                 f"perplexity {evaluation['perplexity']:.2f}")
+        result["eval/step"] = float(step)
+        if not (preempted or step == cfg.num_steps):  # the summary reports the last one
+          bar.note(f"step {step}: validation loss {evaluation['loss']:.4f}, "
+                   f"perplexity {evaluation['perplexity']:.2f}")
       if scalars:
         writer.write_scalars(step, scalars)
         result.update(scalars)
-      if preempted or step == cfg.num_steps or (cfg.checkpoint_every and
-                                                 step % cfg.checkpoint_every == 0):
+      if saves:
+        divergence.check_finite_state(state.checkpoint_items(), step=step,
+                                      checkpointer=checkpointer)
         timer.pause(wait_for=state)
         checkpointer.save(step, state.checkpoint_items(), train_iter)
       timer.resume()
@@ -406,11 +443,34 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
   return result
 
 
+def _check_finite(watch: divergence.NonFiniteWatch, step: int, checkpointer, writer,
+                  scalars: dict[str, float]) -> None:
+  """Raises NonFiniteError if a step so far was not finite, after logging `scalars` (which
+  may show it)."""
+  try:
+    watch.check(checked_at=step, checkpointer=checkpointer)
+  except divergence.NonFiniteError:
+    if scalars:
+      writer.write_scalars(step, scalars)
+    writer.flush()
+    raise
+
+
+def _report_params(state: TrainState, experiment: ExperimentConfig) -> dict[str, float]:
+  """Prints the model's parameter counts (process 0) and returns them as metric scalars."""
+  model = nnx.merge(state.graphdef, state.params, state.rngs)
+  moe = experiment.model.moe
+  counts = count_params(nnx.state(model, nnx.Param), experts_per_token=moe.router.k if moe else 1)
+  if jax.process_index() == 0:
+    print(counts.describe(), flush=True)
+  return counts.as_metrics()
+
+
 def _print_summary(result: dict[str, float], workdir: epath.Path) -> None:
   """Validation perplexity and per-layer expert load, on stdout."""
   step = int(result["step"])
   if "eval/loss" in result:
-    print(f"step {step}: validation loss {result['eval/loss']:.4f}, "
+    print(f"step {int(result.get('eval/step', step))}: validation loss {result['eval/loss']:.4f}, "
           f"perplexity {result['eval/perplexity']:.2f} "
           f"({int(result['eval/tokens'])} tokens)")
   print(f"training throughput: {metrics_lib.format_count(result['train/tokens_per_sec_mean'])} "

@@ -2,12 +2,17 @@
 
 import io
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from moejax import metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _read_tensorboard(logdir):
@@ -136,3 +141,95 @@ def test_resumed_writers_replace_what_the_interrupted_run_logged_after_its_check
   assert _read_tensorboard(tmp_path / "tensorboard") == {"train/loss": expected}
   records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert [(r["step"], r["train/loss"]) for r in records] == expected
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def _write_lines(path, *lines, end="\n"):
+  path.write_text("\n".join(lines) + end)
+
+
+def test_read_jsonl_leaves_out_a_last_line_cut_short(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  # A run killed while it wrote the record of step 3: no newline after it.
+  _write_lines(path, '{"step": 1, "a": 1.0}', '{"step": 2, "a": 2.0}', '{"step": 3, "a"', end="")
+  assert metrics.read_jsonl(path) == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}]
+
+
+@pytest.mark.parametrize("lines, end, number", [
+    (['{"step": 1}', '{"step": 2, "a"', '{"step": 3}'], "\n", 2),  # cut short, not the last
+    (['{"step": 1}', 'garbage'], "\n", 2),  # a complete last line that is not JSON
+    (['{"step": 1}', '[1, 2]', '{"step": 3}'], "", 2),  # JSON, but not a record
+    (['{"step": 1}', '{"loss": 2.0}'], "\n", 2),  # a record without a step
+])
+def test_read_jsonl_names_the_line_of_any_other_bad_record(tmp_path, lines, end, number):
+  path = tmp_path / "metrics.jsonl"
+  _write_lines(path, *lines, end=end)
+  with pytest.raises(ValueError, match=rf"metrics.jsonl, line {number}: "):
+    metrics.read_jsonl(path)
+
+
+@pytest.mark.parametrize("resume_step", [None, 1, 2])
+def test_a_writer_drops_a_last_line_cut_short_before_appending(tmp_path, resume_step):
+  path = tmp_path / "metrics.jsonl"
+  _write_lines(path, '{"step": 1, "a": 1.0}', '{"step": 2, "a": 2.0}', '{"step": 3, "a": 3',
+               end="")
+  writer = metrics.JsonlWriter(path, resume_step=resume_step)
+  next_step = 3 if resume_step is None else resume_step + 1
+  writer.write_scalars(next_step, {"a": 30.0})
+  writer.close()
+  assert path.read_text().endswith('{"step": %d, "a": 30.0}\n' % next_step)
+  assert [r["step"] for r in metrics.read_jsonl(path)] == list(range(1, next_step + 1))
+
+
+def test_a_writer_ends_a_complete_last_record_before_appending(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  # Killed after the record of step 2 but before its newline.
+  _write_lines(path, '{"step": 1, "a": 1.0}', '{"step": 2, "a": 2.0}', end="")
+  writer = metrics.JsonlWriter(path)
+  writer.write_scalars(3, {"a": 3.0})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3]
+
+
+def test_a_writer_keeps_one_record_per_step_and_refuses_a_step_already_logged(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  # Two runs that shared the workdir logged steps 1 and 2 twice each.
+  _write_lines(path, *('{"step": %d, "a": %d}' % (s, v) for s, v in
+                       [(1, 10), (1, 11), (2, 20), (2, 21), (3, 30)]))
+  writer = metrics.JsonlWriter(path, resume_step=2)
+  assert metrics.read_jsonl(path) == [{"step": 1, "a": 11}, {"step": 2, "a": 21}]
+  for step in (1, 2):
+    with pytest.raises(ValueError, match=f"step {step} is not after the last logged step 2"):
+      writer.write_scalars(step, {"a": 0.0})
+  writer.write_scalars(3, {"a": 3.0})
+  with pytest.raises(ValueError, match="step 3 is not after the last logged step 3"):
+    writer.write_scalars(3, {"a": 3.0})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3]
+
+
+_REWRITE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from moejax import metrics
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # about one record: the disk is "full"
+metrics.JsonlWriter(sys.argv[1], resume_step=int(sys.argv[2]))
+"""
+
+
+def test_a_resume_rewrite_that_fails_leaves_the_old_file_intact(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  lines = ['{"step": %d, "train/loss": %r}' % (s, 1.0 / s) for s in range(1, 7)]
+  _write_lines(path, *lines)
+  before = path.read_text()
+  # A real process whose writes fail past 64 bytes rewrites the file for a resume from step 4.
+  run = subprocess.run([sys.executable, "-c", _REWRITE_UNDER_A_FILE_SIZE_LIMIT, str(path), "4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert run.returncode != 0 and "File too large" in run.stderr, run.stderr[-2000:]
+  assert path.read_text() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left
+  # Without the limit the same rewrite succeeds.
+  metrics.JsonlWriter(path, resume_step=4).close()
+  assert path.read_text() == "".join(line + "\n" for line in lines[:4])

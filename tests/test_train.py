@@ -5,18 +5,21 @@ word vocabulary) and the "tiny" variant of the experiments (M=32, L=16, 2 layers
 """
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -185,6 +188,16 @@ def test_resume_is_bitwise_exact(ptb_dir, uninterrupted, tmp_path):
   assert logged == [(step, np.float32(both[step])) for step in range(1, 7)]
 
 
+def test_resume_after_a_kill_while_a_record_was_being_written(ptb_dir, tmp_path):
+  train.train_and_evaluate(_noisy_config(ptb_dir, num_steps=3), tmp_path)
+  jsonl = tmp_path / "metrics.jsonl"
+  with jsonl.open("a") as f:  # what a kill during the write of step 4's record leaves
+    f.write('{"step": 4, "train/loss": 5.')
+  train.train_and_evaluate(_noisy_config(ptb_dir), tmp_path)
+  lines = jsonl.read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
 def test_rerun_of_a_finished_run_only_evaluates(ptb_dir, uninterrupted):
   workdir, result = uninterrupted
   before = (workdir / "metrics.jsonl").read_text()
@@ -256,6 +269,67 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(ptb_dir, tmp_path, compile
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert sorted(_losses(tmp_path)) == list(range(1, stopped_at + 3))
   assert f"step {stopped_at + 2}: validation loss" in rerun.stdout
+
+
+def test_first_record_holds_the_parameter_counts(uninterrupted):
+  workdir, result = uninterrupted
+  counted = [r for r in metrics.read_jsonl(workdir / "metrics.jsonl") if "model/params_total" in r]
+  assert [r["step"] for r in counted] == [1]  # the first logged step (log_every=1)
+  # By hand from the checkpoint's arrays: the embedding (V, M) and, of the 8 experts of the one
+  # top-1 MoE layer (blocks/1/ffn/wi, wo), 7 are inactive for any one token.
+  params = _checkpoint_shapes(workdir / "checkpoints" / "6" / "state")["params"]
+  total = sum(math.prod(s) for s in jax.tree.leaves(params, is_leaf=lambda x: type(x) is tuple))
+  embedding = math.prod(params["embed"])
+  experts = math.prod(params["blocks"]["1"]["ffn"]["wi"]) + math.prod(
+      params["blocks"]["1"]["ffn"]["wo"])
+  assert counted[0]["model/params_total"] == result["model/params_total"] == total
+  assert counted[0]["model/params_embedding"] == embedding
+  assert counted[0]["model/params_active_per_token"] == total - embedding - experts * 7 // 8
+
+
+def _checkpoint_shapes(state_dir):
+  """The shapes of a checkpoint's arrays (a tree of tuples), from its metadata."""
+  with ocp.PyTreeCheckpointer() as reader:
+    tree = reader.metadata(state_dir).item_metadata.tree
+  return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+
+
+def test_validation_loss_of_a_run_is_printed_once(ptb_dir, tmp_path, capsys):
+  config = tiny_config(ptb_dir, num_steps=4, eval_every=2, progress=True, eval_batches=1)
+  result = train.train_and_evaluate(config, tmp_path)
+  captured = capsys.readouterr()
+  both = captured.out + captured.err
+  assert captured.out.count("parameters: ") == 1  # printed once, at the start
+  assert both.count("validation loss") == 2  # the evaluations at steps 2 and 4
+  assert "step 2: validation loss" in captured.err  # a progress note
+  final = f"step 4: validation loss {result['eval/loss']:.4f}"
+  assert both.count(final) == 1 and final in captured.out  # the summary alone
+
+
+def test_summary_after_sigterm_names_the_step_of_the_last_evaluation(ptb_dir, tmp_path, capsys):
+  """SIGTERM arrives a few steps after the evaluation at step 5 (this process signals itself)."""
+  config = tiny_config(ptb_dir, num_steps=10_000, eval_every=5, eval_batches=1)
+  jsonl = tmp_path / "metrics.jsonl"
+
+  def terminate_after_step_6():
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      if jsonl.exists() and any(r["step"] >= 6 for r in metrics.read_jsonl(jsonl)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.01)
+
+  thread = threading.Thread(target=terminate_after_step_6, daemon=True)
+  thread.start()
+  result = train.train_and_evaluate(config, tmp_path)
+  thread.join()
+  stopped = int(result["step"])
+  assert result["preempted"] == 1.0 and 6 <= stopped < 10  # between two evaluations
+  assert result["eval/step"] == 5.0
+  out = capsys.readouterr().out
+  assert f"step 5: validation loss {result['eval/loss']:.4f}" in out
+  assert f"step {stopped}: validation loss" not in out
+  assert f"stopped by SIGTERM at step {stopped}" in out
 
 
 # ----------------------------------------------------------------------------- bad configs
