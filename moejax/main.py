@@ -44,7 +44,8 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
-from moejax import distributed, train
+from moejax import distributed, divergence, train
+from moejax import lock as lock_lib
 from moejax.config import experiment_config_from
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py).",
@@ -195,11 +196,16 @@ def resume_advice(workdir: str) -> str:
 
 # ----------------------------------------------------------------------------- errors
 
+# Errors whose message says all a user needs (what happened, what was kept, what to do).
+RUN_ERRORS = (divergence.NonFiniteError, lock_lib.WorkdirLockedError)
+
 
 def _report(error: Exception, fields: list[tuple[str, str]]) -> tuple[int, str]:
   """Prints `error` the way moejax reports it; returns (exit status, a one-line reason)."""
   if isinstance(error, (UsageError, ValueError)):
     message, status = str(error), EXIT_USAGE
+  elif isinstance(error, RUN_ERRORS):  # moejax's own reports of a run that cannot go on
+    message, status = str(error), 1
   elif isinstance(error, OSError):
     message, status = os_error_message(error, fields), 1
   else:
