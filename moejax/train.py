@@ -46,6 +46,7 @@ from moejax import metrics as metrics_lib
 from moejax import sharding
 from moejax.config import ExperimentConfig, experiment_config_from
 from moejax.model import ModelAux, ModelConfig, Transformer
+from moejax.moe import RouterState
 from moejax.optim import make_optimizer
 from moejax.param_count import count_params
 
@@ -58,8 +59,10 @@ _STATIC = dict(static=True)
 class TrainState:
   """Everything a training step reads.
 
-  `step`, `params` and `opt_state` change every step and are checkpointed. `rngs` holds the
-  model's random streams as initialised from the seed; it never changes (see `step_rngs`).
+  `step`, `params` and `opt_state` change every step and are checkpointed. `router_state` holds
+  the routers' state that is not a parameter (`moe.RouterState`: the aux-loss-free balancing bias,
+  hash tables); the layers update it in the forward pass, and it is checkpointed too. `rngs` holds
+  the model's random streams as initialised from the seed; it never changes (see `step_rngs`).
   `graphdef`, `tx` and `schedule` are static: the model's structure, the optimizer and the
   learning-rate schedule.
   """
@@ -68,13 +71,22 @@ class TrainState:
   params: Any  # nested dict of parameter arrays (nnx.Param values)
   opt_state: optax.OptState
   rngs: Any  # nested dict: the model's RNG keys and counters at initialisation
+  router_state: Any  # nested dict of RouterState values (empty without such state)
   graphdef: nnx.GraphDef = dataclasses.field(metadata=_STATIC)
   tx: optax.GradientTransformation = dataclasses.field(metadata=_STATIC)
   schedule: optax.Schedule = dataclasses.field(metadata=_STATIC)
 
   def checkpoint_items(self) -> dict[str, Any]:
     """What a checkpoint holds."""
-    return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+    items = {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+    if jax.tree.leaves(self.router_state):
+      items["router_state"] = self.router_state
+    return items
+
+  def model(self, rngs: Any = None) -> Transformer:
+    """The model with this state's parameters, router state and `rngs` (default: the initial)."""
+    return nnx.merge(self.graphdef, self.params, self.rngs if rngs is None else rngs,
+                     self.router_state)
 
   def replace(self, **changes) -> TrainState:
     return dataclasses.replace(self, **changes)
@@ -113,14 +125,16 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, A
   rngs = step_rngs(state.rngs, state.step)
 
   def loss_fn(params):
-    model = nnx.merge(state.graphdef, params, rngs)
+    model = nnx.merge(state.graphdef, params, rngs, state.router_state)
     logits_BLV, aux = model(batch["inputs"], mask_BL=batch["mask"], train=True)
     loss_sum, tokens = token_loss(logits_BLV, batch["targets"], batch["mask"])
     cross_entropy = loss_sum / jnp.maximum(tokens, 1.0)
-    return cross_entropy + aux.aux_loss, (cross_entropy, tokens, aux)
+    # The routers' non-parameter state as the forward pass left it (e.g. the updated bias).
+    router_state = jax.lax.stop_gradient(nnx.to_pure_dict(nnx.state(model, RouterState)))
+    return cross_entropy + aux.aux_loss, (cross_entropy, tokens, aux, router_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (cross_entropy, tokens, aux)), grads = grad_fn(state.params)
+  (loss, (cross_entropy, tokens, aux, router_state)), grads = grad_fn(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -134,14 +148,14 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, A
       },
       "moe": moe_metrics(aux),
   }
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            router_state=router_state)
   return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
   """Summed token loss, token count and routing metrics of one evaluation batch."""
-  model = nnx.merge(state.graphdef, state.params, state.rngs)
-  logits_BLV, aux = model(batch["inputs"], mask_BL=batch["mask"], train=False)
+  logits_BLV, aux = state.model()(batch["inputs"], mask_BL=batch["mask"], train=False)
   loss_sum, tokens = token_loss(logits_BLV, batch["targets"], batch["mask"])
   return {"loss_sum": loss_sum, "tokens": tokens, "moe": moe_metrics(aux)}
 
@@ -158,27 +172,29 @@ def create_train_state(model_config: ModelConfig, experiment: ExperimentConfig,
     return Transformer(model_config, rngs=nnx.Rngs(seed))
 
   abstract = nnx.eval_shape(create)
-  graphdef, abstract_params, abstract_rngs, rest = nnx.split(abstract, nnx.Param, nnx.RngState,
-                                                             ...)
+  graphdef, abstract_params, abstract_rngs, abstract_router, rest = nnx.split(
+      abstract, nnx.Param, nnx.RngState, RouterState, ...)
   if jax.tree.leaves(rest):
-    raise ValueError(f"the model holds state that is neither a parameter nor a random stream "
-                     f"({list(rest.flat_state())[:3]}...); the trainer would not update it.")
+    raise ValueError(f"the model holds state that is neither a parameter, a random stream nor "
+                     f"router state ({list(rest.flat_state())[:3]}...); the trainer would not "
+                     "update it.")
   param_shardings = nnx.to_pure_dict(
       sharding.shardings(abstract_params, mesh, experiment.sharding_rules))
   replicated = NamedSharding(mesh, P())
   rng_shardings = jax.tree.map(lambda _: replicated, nnx.to_pure_dict(abstract_rngs))
+  router_shardings = jax.tree.map(lambda _: replicated, nnx.to_pure_dict(abstract_router))
 
-  @functools.partial(jax.jit, out_shardings=(param_shardings, rng_shardings))
+  @functools.partial(jax.jit, out_shardings=(param_shardings, rng_shardings, router_shardings))
   def init():
-    _, params, rngs = nnx.split(create(), nnx.Param, nnx.RngState)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(rngs)
+    _, params, rngs, router_state = nnx.split(create(), nnx.Param, nnx.RngState, RouterState)
+    return tuple(nnx.to_pure_dict(x) for x in (params, rngs, router_state))
 
-  params, rngs = init()
+  params, rngs, router_state = init()
   tx, schedule = make_optimizer(experiment.optimizer, experiment.train.num_steps)
   opt_state = jax.jit(tx.init)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-  return TrainState(step=step, params=params, opt_state=opt_state, rngs=rngs, graphdef=graphdef,
-                    tx=tx, schedule=schedule)
+  return TrainState(step=step, params=params, opt_state=opt_state, rngs=rngs,
+                    router_state=router_state, graphdef=graphdef, tx=tx, schedule=schedule)
 
 
 def shardings_of(tree: Any) -> Any:
@@ -458,7 +474,7 @@ def _check_finite(watch: divergence.NonFiniteWatch, step: int, checkpointer, wri
 
 def _report_params(state: TrainState, experiment: ExperimentConfig) -> dict[str, float]:
   """Prints the model's parameter counts (process 0) and returns them as metric scalars."""
-  model = nnx.merge(state.graphdef, state.params, state.rngs)
+  model = state.model()
   moe = experiment.model.moe
   counts = count_params(nnx.state(model, nnx.Param), experts_per_token=moe.router.k if moe else 1)
   if jax.process_index() == 0:
