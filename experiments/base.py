@@ -81,6 +81,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
   tiny_ffn_dim = 64
   if config.model.moe_every > 0:  # experts keep their width relative to the dense FFN's
     config.model.moe.ffn_dim = config.model.moe.ffn_dim * tiny_ffn_dim // config.model.ffn_dim
+    config.model.moe.shared_ffn_dim = (config.model.moe.shared_ffn_dim * tiny_ffn_dim
+                                       // config.model.ffn_dim)
     config.model.moe.group_size = 16
   config.model.update(num_layers=2, model_dim=32, num_heads=2, head_dim=16, ffn_dim=tiny_ffn_dim)
   config.data.update(seq_len=16, vocab_size=512)

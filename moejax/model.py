@@ -378,7 +378,8 @@ def active_ffn_flops_per_token(config: ModelConfig) -> int:
   """Forward FLOPs per token of all FFN / MoE blocks, counting only the experts a token uses.
 
   A matmul of widths (M, F) costs 2*M*F FLOPs per token (multiply and add). A dense block has two
-  such matmuls (three with swiglu); an MoE block runs k experts of width moe.ffn_dim. The router
+  such matmuls (three with swiglu); an MoE block runs k experts of width moe.ffn_dim and its
+  shared experts of width moe.shared_ffn_dim. The router
   (2*M*E), activations and dispatch are left out, so that a dense FFN of width F, a top-1 MoE of
   expert width F and a top-2 MoE of expert width F/2 count the same.
   """
@@ -388,7 +389,7 @@ def active_ffn_flops_per_token(config: ModelConfig) -> int:
     if config.is_moe_block(i):
       moe = config.moe
       matmuls = 3 if moe.activation is Activation.SWIGLU else 2
-      total += moe.router.k * matmuls * 2 * M * moe.ffn_dim
+      total += (moe.router.k * moe.ffn_dim + moe.shared_ffn_dim) * matmuls * 2 * M
     else:
       activation = parse_enum(Activation, "model.activation", config.activation)
       matmuls = 3 if activation is Activation.SWIGLU else 2

@@ -12,6 +12,9 @@ Per device, inside `jax.shard_map` over the mesh (tokens split over ("data", "ex
       -> all_to_all back: split G, concat E          (E, G, C, M)
       -> combine                                    (G, S, M) -> (T_local, M)
 
+Shared experts (`shared_ffn_dim` > 0, moejax/shared_experts.py) run beside this, outside
+`shard_map`, and their output is added to the routed one.
+
 Groups never straddle devices, so the sharded layer forms exactly the groups of the single-device
 layer and gives the same outputs, losses and gradients. Random numbers (router jitter, GShard's
 random policy, the expert-dropout mask) are drawn in the global view, outside `shard_map`, for the
@@ -37,10 +40,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from moejax import activation as activation_lib
 from moejax import sharding, typed_config
+from moejax.activation import Activation
 from moejax.dispatch import DispatchKind, make_dispatcher
 from moejax import routing
 from moejax.routing import RouterConfig, RouterInputs, route
+from moejax.shared_experts import SharedExperts
 from moejax.typed_config import ConfigError
 
 
@@ -51,12 +57,6 @@ class ExpertLoop(enum.Enum):
   BATCHED = "batched"  # one batched matmul per weight
   SCAN = "scan"  # a loop (lax.map) of 2-D matmuls
   UNROLL = "unroll"  # one 2-D matmul per expert, unrolled at trace time
-
-
-class Activation(enum.Enum):
-  RELU = "relu"
-  GELU = "gelu"
-  SWIGLU = "swiglu"  # silu(x W_gate) * (x W_in); adds an (E, M, F) gate
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -85,6 +85,10 @@ class MoeConfig:
     expert_dropout: dropout rate on the experts' hidden activations in training.
     dtype: compute dtype of the experts ("float32" or "bfloat16"); None: the model's `dtype`.
       The router is always float32.
+    shared_ffn_dim: width of the shared experts, an always-on FFN (activation `activation`)
+      whose output is added to the routed experts' for every real token (DeepSeekMoE; N_s
+      shared experts of width F' are one FFN of width N_s * F'); 0: none. Expert dropout does
+      not apply to it.
   """
 
   PATH: ClassVar[str] = "model.moe"
@@ -97,6 +101,7 @@ class MoeConfig:
   expert_loop: ExpertLoop = ExpertLoop.AUTO
   expert_dropout: float = 0.0
   dtype: str | None = None
+  shared_ffn_dim: int = 0
 
   def __post_init__(self):
     typed_config.check_fields(self)
@@ -106,6 +111,9 @@ class MoeConfig:
       if getattr(self, name) < 1:
         raise ConfigError(typed_config.path_of(self, name), getattr(self, name),
                           "must be an integer >= 1.")
+    if self.shared_ffn_dim < 0:
+      raise ConfigError(typed_config.path_of(self, "shared_ffn_dim"), self.shared_ffn_dim,
+                        "must be an integer >= 0 (0: no shared experts).")
     if not 0.0 <= self.expert_dropout < 1.0:
       raise ConfigError(typed_config.path_of(self, "expert_dropout"), self.expert_dropout,
                         "must be in [0, 1).")
@@ -127,14 +135,6 @@ class MoeAux:
 
 
 # ----------------------------------------------------------------------------- experts
-
-
-def _activation(kind: Activation, h_GCF, gate_GCF):
-  if kind is Activation.RELU:
-    return jax.nn.relu(h_GCF)
-  if kind is Activation.GELU:
-    return jax.nn.gelu(h_GCF)
-  return jax.nn.silu(gate_GCF) * h_GCF
 
 
 @jax.custom_vjp
@@ -190,7 +190,7 @@ _project_in.defvjp(_project_in_fwd, _project_in_bwd)
 
 def _hidden(h_RF, gate_RF, keep_RF, *, activation: Activation, dropout_rate: float):
   """An expert's hidden activations from its input projections, with expert dropout."""
-  a_RF = _activation(activation, h_RF, gate_RF)
+  a_RF = activation_lib.apply(activation, h_RF, gate_RF)
   if keep_RF is not None:
     scale = jnp.asarray(1.0 / (1.0 - dropout_rate), a_RF.dtype)
     a_RF = jnp.where(keep_RF, a_RF * scale, jnp.zeros_like(a_RF))
@@ -463,6 +463,10 @@ class MoeLayer(nnx.Module):
     self.wg = (sharding.param(expert_init(rngs.params(), (E, M, F), param_dtype),
                               ("expert", "embed", "mlp"))
                if config.activation is Activation.SWIGLU else None)
+    self.shared = nnx.data(None)
+    if config.shared_ffn_dim > 0:
+      self.shared = SharedExperts(M, config.shared_ffn_dim, config.activation, rngs=rngs,
+                                  param_dtype=param_dtype)
     needs_rng = (config.router.jitter_eps > 0 or config.expert_dropout > 0 or
                  bool(config.router.family.random_inputs(config.router)))
     self.rngs = rngs.fork() if needs_rng else None
@@ -471,6 +475,8 @@ class MoeLayer(nnx.Module):
                token_ids_BL: jax.Array | None = None, train: bool = False
                ) -> tuple[jax.Array, MoeAux]:
     """y (B, L, M) and MoeAux; `token_ids_BL` for routers that route by token id (hash).
+
+    y is the routed experts' output plus, when `shared_ffn_dim` > 0, the shared experts'.
 
     In training, the aux-loss-free balancing bias (when on) moves after routing by
     `bias_update_rate * sign(mean load - load)` over the whole batch (Wang et al. 2024).
@@ -505,6 +511,9 @@ class MoeLayer(nnx.Module):
     # Explicit mesh (with expert=1 it could put L over the expert axis).
     out_sharding = None if mesh.empty else jax.typeof(x_BLM).sharding
     y_BLM = jnp.reshape(y_TM, (B, L, M), out_sharding=out_sharding)
+    if self.shared is not None:
+      with jax.named_scope("shared_experts"):
+        y_BLM = y_BLM + self.shared(x_BLM, dtype=dtype, padding_mask_BL=padding_mask_BL)
     return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
 
   def _state_inputs(self, inputs: RouterInputs, token_ids_BL) -> RouterInputs:

@@ -12,7 +12,10 @@ from moejax.data import corpora
 from moejax.model import active_ffn_flops_per_token
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")
+EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # compared by experiments/compare.py
+# Further router families at the same active FFN FLOPs per token.
+ROUTER_EXPERIMENTS = ("deepseek_small",)
+ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
@@ -27,7 +30,7 @@ def _typed(name, arg=None, num_devices=1):
                                            num_processes=1)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_configs_load_and_validate(name, arg):
   experiment = _typed(name, arg)
@@ -37,7 +40,7 @@ def test_configs_load_and_validate(name, arg):
 
 
 def test_docstrings_give_the_command():
-  for name in EXPERIMENTS:
+  for name in ALL_EXPERIMENTS:
     doc = importlib.import_module(f"experiments.{name}").__doc__
     assert f"--config=experiments/{name}.py" in doc, name
 
@@ -52,10 +55,20 @@ def test_routing_settings():
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_equal_active_ffn_flops_per_token(arg):
-  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in EXPERIMENTS}
+  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in ALL_EXPERIMENTS}
   # dense_small: 4 blocks x 2 matmuls x 2 FLOPs x M=128 x F=512.
   expected = 4 * 2 * 2 * 128 * 512 if arg is None else 2 * 2 * 2 * 32 * 64
-  assert flops == dict.fromkeys(EXPERIMENTS, expected)
+  assert flops == dict.fromkeys(ALL_EXPERIMENTS, expected)
+
+
+def test_deepseek_small_settings():
+  model = _typed("deepseek_small").model
+  router = model.moe.router
+  assert (router.kind.value, router.num_experts, router.k) == ("deepseek", 16, 2)
+  assert (model.moe.ffn_dim, model.moe.shared_ffn_dim) == (model.ffn_dim // 4, model.ffn_dim // 2)
+  assert router.deepseek.score.value == "sigmoid"
+  assert (router.deepseek.num_groups, router.deepseek.topk_groups) == (4, 2)
+  assert router.balance.bias_update_rate > 0 and router.normalize_weights
 
 
 def test_unknown_variant_is_rejected():
@@ -83,7 +96,13 @@ def ptb_dir(tmp_path_factory):
   return str(data_dir)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+# The trainer does not yet carry RouterState (deepseek_small's balancing bias) in its state.
+_NEEDS_ROUTER_STATE = pytest.mark.xfail(strict=True, raises=ValueError,
+                                        reason="the trainer refuses RouterState for now")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_NEEDS_ROUTER_STATE)
+                                  if n == "deepseek_small" else n for n in ALL_EXPERIMENTS])
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)
@@ -101,7 +120,7 @@ def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   if name == "dense_small":
     assert loads == [] and result["train/aux_loss"] == 0.0
   else:
-    assert len(loads) == 8
+    assert len(loads) == _typed(name, "tiny").model.moe.router.num_experts
     np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
 
 

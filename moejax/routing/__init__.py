@@ -14,6 +14,7 @@ MoE's dense decision: the einsum form only). The modules:
     capacity.py       expert capacity, the k-major slot claim, batch priority
     losses.py         auxiliary losses, each citing its paper's equation
     token_choice.py   switch, gshard, topk
+    deepseek.py       deepseek (sigmoid / softmax affinities, group-limited, routed scaling)
 
 A decision, for each token's k-th assignment:
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import token_choice  # noqa: F401  (registers its families)
+from moejax.routing import deepseek  # noqa: F401
 from moejax.routing.capacity import expert_capacity
 from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
                                    HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,

@@ -153,12 +153,16 @@ class HashConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeepseekConfig:
-  """`deepseek`: DeepSeek-V2/V3 routing.
+  """`deepseek`: DeepSeek-V2/V3 routing (moejax/routing/deepseek.py).
 
   Attributes:
     score: "sigmoid" (V3) or "softmax" (V2) affinities.
-    num_groups / topk_groups: group-limited routing: experts form num_groups groups, a token
-      considers only the topk_groups groups with the largest sum of their top-2 affinities.
+    num_groups / topk_groups: group-limited routing: the experts form num_groups contiguous
+      groups (num_groups must divide num_experts), and a token chooses its k experts among the
+      topk_groups best groups only (k <= topk_groups * num_experts / num_groups).
+    group_score_experts: a group's score is the sum of its group_score_experts largest
+      affinities (+ balancing bias): 2 in DeepSeek-V3, 1 (the group's maximum) in DeepSeek-V2.
+      Read only when num_groups > 1.
     routed_scaling_factor: multiplies the routed experts' weights.
     sequence_balance_loss_weight: weight of the sequence-wise balance loss (V3 eq. 17-20),
       computed per routing group.
@@ -168,6 +172,7 @@ class DeepseekConfig:
   score: DeepseekScore = DeepseekScore.SIGMOID
   num_groups: int = 1
   topk_groups: int = 1
+  group_score_experts: int = 2
   routed_scaling_factor: float = 1.0
   sequence_balance_loss_weight: float = 0.0
 
@@ -177,9 +182,17 @@ class DeepseekConfig:
       _fail(self, "num_groups", "must be an integer >= 1.")
     if not 1 <= self.topk_groups <= self.num_groups:
       _fail(self, "topk_groups", f"must be an integer in [1, num_groups={self.num_groups}].")
+    if self.group_score_experts < 1:
+      _fail(self, "group_score_experts", "must be an integer >= 1.")
     if not self.routed_scaling_factor > 0:
       _fail(self, "routed_scaling_factor", "must be > 0.")
     _check_non_negative(self, "sequence_balance_loss_weight")
+    typed_config.check_unused(self)
+
+  def unused_fields(self):
+    if self.num_groups == 1:
+      return {"group_score_experts": f"{self.PATH}.num_groups=1 does not limit groups"}
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +280,8 @@ class RouterConfig:
     if not self.second_expert_threshold > 0:
       _fail(self, "second_expert_threshold", "must be > 0.")
     _check_non_negative(self, "load_balancing_loss_weight", "z_loss_weight")
+    if self.family.validate is not None:
+      self.family.validate(self)
     typed_config.check_unused(self)
 
   def _resolve_k(self):

@@ -45,6 +45,8 @@ class Family:
     biased: selection reads the aux-loss-free balancing bias when `balance.bias_update_rate` > 0.
     logits: (x_GSM float32, w_MX float32, inputs) -> logits_GSX, replacing x @ w (soft MoE).
     initial_table: (config, vocab_size) -> int32 (V,) expert per token id (token_ids families).
+    validate: (config) -> None, raising ConfigError for settings of the family that only make
+      sense together with the common fields (num_experts, k); called by RouterConfig.
   """
 
   route: Callable[..., Any]
@@ -62,6 +64,7 @@ class Family:
   biased: bool = False
   logits: Callable[..., Any] | None = None
   initial_table: Callable[..., Any] | None = None
+  validate: Callable[[Any], None] | None = None
 
 
 REGISTRY: dict[Any, Family] = {}
