@@ -97,12 +97,7 @@ def ptb_dir(tmp_path_factory):
 
 
 # The trainer does not yet carry RouterState (deepseek_small's balancing bias) in its state.
-_NEEDS_ROUTER_STATE = pytest.mark.xfail(strict=True, raises=ValueError,
-                                        reason="the trainer refuses RouterState for now")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NEEDS_ROUTER_STATE)
-                                  if n == "deepseek_small" else n for n in ALL_EXPERIMENTS])
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)
