@@ -389,7 +389,8 @@ def active_ffn_flops_per_token(config: ModelConfig) -> int:
     if config.is_moe_block(i):
       moe = config.moe
       matmuls = 3 if moe.activation is Activation.SWIGLU else 2
-      total += (moe.router.k * moe.ffn_dim + moe.shared_ffn_dim) * matmuls * 2 * M
+      experts = moe.router.experts_per_token(moe.group_size)
+      total += (experts * moe.ffn_dim + moe.shared_ffn_dim) * matmuls * 2 * M
     else:
       activation = parse_enum(Activation, "model.activation", config.activation)
       matmuls = 3 if activation is Activation.SWIGLU else 2

@@ -476,7 +476,8 @@ def _report_params(state: TrainState, experiment: ExperimentConfig) -> dict[str,
   """Prints the model's parameter counts (process 0) and returns them as metric scalars."""
   model = state.model()
   moe = experiment.model.moe
-  counts = count_params(nnx.state(model, nnx.Param), experts_per_token=moe.router.k if moe else 1)
+  counts = count_params(nnx.state(model, nnx.Param), experts_per_token=(
+      moe.router.experts_per_token(moe.group_size) if moe else 1))
   if jax.process_index() == 0:
     print(counts.describe(), flush=True)
   return counts.as_metrics()

@@ -468,7 +468,7 @@ def test_bad_settings_raise_value_error_naming_field_value_and_allowed(make, mes
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_expert_loops_give_the_same_outputs_and_gradients(activation):
   """`expert_loop` only changes how the matmuls are issued: batched, scan and unroll agree."""
-  from moejax.moe import Activation, ExpertLoop, expert_ffn
+  from moejax.experts import Activation, ExpertLoop, expert_ffn
   E, G, C, M, F = 4, 2, 3, 8, 16
   keys = jax.random.split(jax.random.key(7), 5)
   x = jax.random.normal(keys[0], (E, G, C, M))
@@ -501,7 +501,7 @@ def test_expert_loops_give_the_same_outputs_and_gradients(activation):
 
 def test_ordering_dependency_leaves_values_bitwise_unchanged():
   """`_after` only adds a data dependency: every value, signed zeros and NaNs included, is kept."""
-  from moejax.moe import _after
+  from moejax.experts import _after
   a = jnp.array([1.5, -0.0, 0.0, jnp.inf, -jnp.inf, jnp.nan, -3e-38, 7e30], jnp.float32)
   for dep in (jnp.array([2.0]), jnp.array([-0.0]), jnp.array([jnp.nan, 1.0]),
               jnp.array([-jnp.inf]), jnp.full((2, 3), 5.0, jnp.bfloat16)):

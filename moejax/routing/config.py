@@ -314,6 +314,13 @@ class RouterConfig:
     """C, the slots of each expert per group of `group_size` tokens."""
     return self.family.capacity(self, group_size, train)
 
+  def experts_per_token(self, group_size: int) -> float:
+    """Expert FFNs applied per token (training): k, or C * E / S slots per token for the kinds
+    without k (expert choice: the capacity factor; soft MoE: E * p / S)."""
+    if self.k is not None:
+      return float(self.k)
+    return self.capacity(group_size, train=True) * self.num_experts / group_size
+
   def causal(self, *, train: bool) -> bool:
     """Whether a token's routing depends only on itself and earlier tokens."""
     family = self.family
