@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moejax import distributed, train
+from moejax import checkpoint, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py).",
                                           lock_config=True)
@@ -35,6 +35,10 @@ def main(argv):
   joined = distributed.initialize()  # several processes (launch/, SLURM, TPU pods); else nothing
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except checkpoint.CheckpointError as error:  # where and why, in one line; no traceback
+    print(f"moejax: {error}", file=sys.stderr, flush=True)
+    # At once: the writes Orbax abandoned would otherwise print tracebacks at interpreter exit.
+    os._exit(1)  # pylint: disable=protected-access
   except Exception:  # pylint: disable=broad-except
     if not joined:
       raise

@@ -297,11 +297,13 @@ def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float
     # ---- restore
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints",
                                                max_to_keep=train_cfg.max_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      restored = checkpointer.restore(
-          latest, checkpoint_lib.abstract_like(state.checkpoint_items()), train_iter)
-      state = state.replace(**restored)
+    # The newest checkpoint that restores; damaged newer ones are reported and set aside.
+    latest = None  # the step restored, which the run continues from
+    restored = checkpointer.restore_latest(
+        checkpoint_lib.abstract_like(state.checkpoint_items()), train_iter)
+    if restored is not None:
+      latest, items = restored
+      state = state.replace(**items)
 
     # ---- update
     train_fn, eval_fn = compile_steps(state, mesh, batch_spec)
