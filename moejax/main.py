@@ -44,7 +44,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
-from moejax import distributed, divergence, train
+from moejax import checkpoint, distributed, divergence, train
 from moejax import lock as lock_lib
 from moejax.config import experiment_config_from
 
@@ -197,7 +197,7 @@ def resume_advice(workdir: str) -> str:
 # ----------------------------------------------------------------------------- errors
 
 # Errors whose message says all a user needs (what happened, what was kept, what to do).
-RUN_ERRORS = (divergence.NonFiniteError, lock_lib.WorkdirLockedError)
+RUN_ERRORS = (divergence.NonFiniteError, lock_lib.WorkdirLockedError, checkpoint.CheckpointError)
 
 
 def _report(error: Exception, fields: list[tuple[str, str]]) -> tuple[int, str]:
@@ -313,6 +313,11 @@ def main(argv):
       if peers is not None:  # another process may be the cause: then the watch says which
         peers.before_reporting(error)
       status, reason = _report(error, fields)
+      if isinstance(error, checkpoint.CheckpointError) and peers is None:
+        # At once: the writes Orbax abandoned would otherwise print tracebacks at interpreter exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # pylint: disable=protected-access
       _end(peers, status, "failed", reason)
 
 

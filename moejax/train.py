@@ -7,7 +7,7 @@ naming this one). The rest is linear, in the order of its banner comments:
     input   dataset + tokenizer (built on first use), this process's training iterator
     model   the abstract model -> graph definition and parameter shardings (from the rules)
     shard   parameters and optimizer state created directly in their shardings
-    restore the newest checkpoint in WORKDIR/checkpoints, if there is one
+    restore the newest checkpoint in WORKDIR/checkpoints that restores (damaged ones set aside)
     update  `train_step` / `eval_step`, jitted with explicit shardings
     loop    steps, metrics, evaluation, checkpoints, SIGTERM, divergence (`divergence.py`)
 
@@ -286,7 +286,8 @@ class Throughput:
 def train_and_evaluate(config, workdir: str | epath.PathLike) -> dict[str, float]:
   """Trains and evaluates the experiment `config` (a ConfigDict) in `workdir`.
 
-  Resumes from the newest checkpoint in WORKDIR/checkpoints. Returns the final metrics, flat:
+  Resumes from the newest checkpoint in WORKDIR/checkpoints that restores (a damaged one is moved
+  to WORKDIR/checkpoints_damaged with a warning). Returns the final metrics, flat:
   "step", "train/..." (last logged step), "eval/loss", "eval/perplexity", "eval/moe/...",
   "eval/step" (the step of that evaluation) and "train/tokens_per_sec_mean". The record of the
   first logged step, min(log_every, num_steps), also holds the parameter counts
@@ -337,11 +338,13 @@ def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Pat
     # ---- restore
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints",
                                                max_to_keep=train_cfg.max_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      restored = checkpointer.restore(
-          latest, checkpoint_lib.abstract_like(state.checkpoint_items()), train_iter)
-      state = state.replace(**restored)
+    # The newest checkpoint that restores; damaged newer ones are reported and set aside.
+    latest = None  # the step restored, which the run continues from
+    restored = checkpointer.restore_latest(
+        checkpoint_lib.abstract_like(state.checkpoint_items()), train_iter)
+    if restored is not None:
+      latest, items = restored
+      state = state.replace(**items)
 
     # ---- update
     train_fn, eval_fn = compile_steps(state, mesh, batch_spec)

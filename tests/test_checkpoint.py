@@ -1,4 +1,5 @@
-"""Checkpoints: round trip with the data position, restore onto other mesh shapes, SIGTERM flag."""
+"""Checkpoints: round trip with the data position, restore onto other mesh shapes, SIGTERM flag,
+errors in one line. Damaged checkpoints and failing saves: tests/test_faults.py."""
 
 import dataclasses
 import os
@@ -136,3 +137,63 @@ def test_relative_checkpoint_directory_saves_and_restores(tmp_path, monkeypatch)
   np.testing.assert_array_equal(restored["w"], tree["w"])
   assert int(restored["step"]) == 7
   assert (tmp_path / "runs/relative/checkpoints/7").is_dir()
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _throw(error):
+  raise error
+
+
+def _raised(make):
+  """What `make()` raises, with its causes and traceback as Python set them."""
+  try:
+    make()
+  except BaseException as error:  # pylint: disable=broad-except
+    return error
+  raise AssertionError("nothing raised")
+
+
+def test_describe_error_finds_the_os_error_among_the_causes():
+  def write():
+    try:
+      raise OSError(28, "No space left on device", "/ckpt/3.orbax-checkpoint-tmp/d/ab")
+    except OSError as error:
+      raise RuntimeError("commit failed") from error
+
+  assert checkpoint.describe_error(_raised(write)) == (
+      "[Errno 28] No space left on device: '/ckpt/3.orbax-checkpoint-tmp/d/ab'")
+
+  def group():
+    raise ExceptionGroup("writes failed", [ValueError("other"), PermissionError(13, "denied")])
+
+  assert checkpoint.describe_error(_raised(group)) == "[Errno 13] denied"
+
+
+def test_describe_error_reads_the_os_error_in_a_tensorstore_message():
+  message = ('OUT_OF_RANGE: Error writing "w/0.0" in OCDBT database at local file '
+             '"/ckpt/3.orbax-checkpoint-tmp/state/": Failed writing: '
+             '"/ckpt/3.orbax-checkpoint-tmp/state/d/e32e": Failed to write 168937 bytes to file '
+             "4: No space left on device [os_error_code='28']\nsecond line")
+  error = _raised(lambda: _throw(ValueError(message)))
+  assert checkpoint.describe_error(error) == (
+      "[Errno 28] No space left on device: '/ckpt/3.orbax-checkpoint-tmp/state/d/e32e'")
+
+
+def test_describe_error_without_an_os_error_gives_the_innermost_cause_in_one_line():
+  import json  # pylint: disable=g-import-not-at-top
+  error = _raised(lambda: json.loads("{garbage"))  # raised `from None` over a StopIteration
+  assert checkpoint.describe_error(error) == (
+      "JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 "
+      "(char 1)")
+
+  def wrapped():
+    try:
+      raise KeyError("state")
+    except KeyError as error:
+      raise RuntimeError("restore failed\n" + "details " * 100) from error
+
+  assert checkpoint.describe_error(_raised(wrapped)) == "KeyError: 'state'"
+  long = checkpoint.describe_error(_raised(lambda: _throw(ValueError("x" * 500))))
+  assert len(long) == len("ValueError: ") + 300 and "\n" not in long
