@@ -18,7 +18,7 @@ batches, two checkpoints; building the dataset and tokenizer on first use adds a
 Expected result (seed 0, deterministic on CPU): validation loss 4.204, perplexity 66.9 after
 500 steps, against 4.231 for `dense_small` (docs/compare.md); every expert in use, under 0.1% of
 validation tokens dropped. The workdir then holds checkpoints/{250,500}, metrics.jsonl and
-TensorBoard events (`tensorboard --logdir runs/switch_small/tensorboard`). Rerunning the command
+TensorBoard events (`.venv/bin/tensorboard --logdir runs/switch_small/tensorboard`). Rerunning the command
 resumes (or, when finished, re-evaluates); SIGTERM saves and exits 0.
 """
 

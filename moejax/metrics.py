@@ -10,7 +10,7 @@ which every writer records under the step:
 
 * `TensorBoardWriter`: real event files (`events.out.tfevents.*`) written with TensorBoard's own
   `EventFileWriter`, no TensorFlow needed; view them with
-  `tensorboard --logdir WORKDIR/tensorboard`.
+  `.venv/bin/tensorboard --logdir WORKDIR/tensorboard`.
 * `JsonlWriter`: `metrics.jsonl`, one JSON object per logged step: {"step": 120, "train/loss": ...}.
 
 Only process 0 writes (`create_writers`); the other processes get a writer that does nothing.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -509,5 +510,7 @@ def _print_summary(result: dict[str, float], workdir: epath.Path) -> None:
           f"   (uniform {1 / len(loads):.3f}; dropped tokens {100 * dropped:.2f}%)")
   if result.get("preempted"):
     print(f"stopped by SIGTERM at step {step}; rerun the same command to resume.")
+  # TensorBoard is installed beside this interpreter (in .venv/bin), not necessarily on PATH.
+  tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
   print(f"checkpoints: {workdir / 'checkpoints'}   "
-        f"tensorboard --logdir {workdir / 'tensorboard'}")
+        f"TensorBoard: {tensorboard} --logdir {workdir / 'tensorboard'}")
