@@ -12,7 +12,10 @@ from moejax.data import corpora
 from moejax.model import active_ffn_flops_per_token
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")
+EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # experiments/compare.py's
+# One experiment per further router family (each at the same active FFN FLOPs per token).
+ROUTER_EXPERIMENTS = ("expert_choice_small", "soft_small", "sinkhorn_small")
+ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
@@ -27,7 +30,7 @@ def _typed(name, arg=None, num_devices=1):
                                            num_processes=1)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_configs_load_and_validate(name, arg):
   experiment = _typed(name, arg)
@@ -37,7 +40,7 @@ def test_configs_load_and_validate(name, arg):
 
 
 def test_docstrings_give_the_command():
-  for name in EXPERIMENTS:
+  for name in ALL_EXPERIMENTS:
     doc = importlib.import_module(f"experiments.{name}").__doc__
     assert f"--config=experiments/{name}.py" in doc, name
 
@@ -51,11 +54,38 @@ def test_routing_settings():
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
+def test_router_family_settings(arg):
+  switch = _typed("switch_small", arg).model.moe
+  expert_choice = _typed("expert_choice_small", arg).model.moe
+  # Expert choice: factor 2 fills 2 rows per token on average, at half the expert width.
+  assert expert_choice.router.capacity(expert_choice.group_size, train=True) * 8 == (
+      2 * expert_choice.group_size)
+  assert expert_choice.ffn_dim * 2 == switch.ffn_dim
+  soft = _typed("soft_small", arg).model.moe
+  assert soft.router.soft.slots_per_expert * 8 == soft.group_size  # as many slots as tokens
+  assert soft.ffn_dim == switch.ffn_dim and soft.dispatch.value == "einsum"
+  sinkhorn = _typed("sinkhorn_small", arg).model.moe
+  assert (sinkhorn.router.k, sinkhorn.ffn_dim) == (1, switch.ffn_dim)
+  for moe in (expert_choice, soft, sinkhorn):
+    assert moe.router.allow_noncausal and not moe.router.causal(train=True)
+
+
+@pytest.mark.parametrize("name", ROUTER_EXPERIMENTS)
+def test_noncausal_experiments_are_flagged(name):
+  assert "NON-CAUSAL" in importlib.import_module(f"experiments.{name}").__doc__
+  config = _get_config(name)
+  config.model.moe.router.allow_noncausal = False
+  with pytest.raises(ValueError, match="model.moe.router.allow_noncausal=True"):
+    _typed_from(config, 1)
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
 def test_equal_active_ffn_flops_per_token(arg):
-  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in EXPERIMENTS}
+  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model)
+           for name in ALL_EXPERIMENTS}
   # dense_small: 4 blocks x 2 matmuls x 2 FLOPs x M=128 x F=512.
   expected = 4 * 2 * 2 * 128 * 512 if arg is None else 2 * 2 * 2 * 32 * 64
-  assert flops == dict.fromkeys(EXPERIMENTS, expected)
+  assert flops == dict.fromkeys(ALL_EXPERIMENTS, expected)
 
 
 def test_unknown_variant_is_rejected():
@@ -83,7 +113,7 @@ def ptb_dir(tmp_path_factory):
   return str(data_dir)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)

@@ -14,6 +14,9 @@ MoE's dense decision: the einsum form only). The modules:
     capacity.py       expert capacity, the k-major slot claim, batch priority
     losses.py         auxiliary losses, each citing its paper's equation
     token_choice.py   switch, gshard, topk
+    expert_choice.py  experts pick their top-C tokens (K = E assignments per token)
+    soft.py           soft MoE: dense dispatch and combine weights (einsum form only)
+    sinkhorn.py       S-BASE: top-k on Sinkhorn-balanced scores in training
 
 A decision, for each token's k-th assignment:
 
@@ -34,6 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import token_choice  # noqa: F401  (registers its families)
+from moejax.routing import expert_choice  # noqa: F401  (registers expert_choice)
+from moejax.routing import soft  # noqa: F401  (registers soft)
+from moejax.routing import sinkhorn  # noqa: F401  (registers sinkhorn)
 from moejax.routing.capacity import expert_capacity
 from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
                                    HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,
