@@ -25,6 +25,9 @@ within a routing group. With top-1 routing in position order and groups no longe
 (`group_size` dividing L) the model is exactly causal. Groups spanning several sequences,
 batch-prioritized routing, or k >= 2 (every first choice claims a slot before any second choice)
 let a later token change whether an earlier token is dropped when capacity overflows.
+
+Routers that decide from the whole group (expert choice, soft MoE, Sinkhorn in training) are not
+causal at all: `check_causality` refuses them unless `model.moe.router.allow_noncausal=True`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import ClassVar
 
 import jax
@@ -114,6 +118,7 @@ class ModelConfig:
       object.__setattr__(self, "moe", None)
     elif self.moe.dtype is None:  # the experts compute in the model's dtype unless set
       object.__setattr__(self, "moe", dataclasses.replace(self.moe, dtype=self.dtype))
+    check_causality(self)
 
   def unused_fields(self) -> dict[str, str]:
     if self.moe_every == 0:
@@ -127,6 +132,29 @@ class ModelConfig:
 
 def _fail(config, name: str, must: str):
   raise ConfigError(typed_config.path_of(config, name), getattr(config, name), must)
+
+
+def check_causality(config: ModelConfig) -> None:
+  """Refuses a router that looks at later tokens in this causal language model, unless allowed.
+
+  Expert choice, soft MoE and Sinkhorn in training decide a token's routing from every token of
+  its group, so a token's output can depend on later tokens: next-token prediction then sees the
+  future. Such a router needs `model.moe.router.allow_noncausal=True`, and its results are
+  non-causal. A bidirectional (masked-LM) model, where every router is legitimate, skips this
+  check. Raises ConfigError naming the router kind and the flag.
+  """
+  if config.moe is None:
+    return
+  router = config.moe.router
+  noncausal = [mode for mode, train in (("training", True), ("evaluation", False))
+               if not router.causal(train=train)]
+  if noncausal and not router.allow_noncausal:
+    raise ConfigError(
+        typed_config.path_of(router, "kind"), router.kind,
+        f"is not causal in {' and '.join(noncausal)}: a token's routing depends on later tokens "
+        "of its group, which the causal language model does not allow. Set "
+        f"{typed_config.path_of(router, 'allow_noncausal')}=True to use it anyway (the results "
+        "are then non-causal), or choose a causal router.")
 
 
 def model_config_from(cfg: ml_collections.ConfigDict | Mapping, *,
@@ -378,24 +406,37 @@ def active_ffn_flops_per_token(config: ModelConfig) -> int:
   """Forward FLOPs per token of all FFN / MoE blocks, counting only the experts a token uses.
 
   A matmul of widths (M, F) costs 2*M*F FLOPs per token (multiply and add). A dense block has two
-  such matmuls (three with swiglu); an MoE block runs k experts of width moe.ffn_dim and its
-  shared experts of width moe.shared_ffn_dim. The router
-  (2*M*E), activations and dispatch are left out, so that a dense FFN of width F, a top-1 MoE of
-  expert width F and a top-2 MoE of expert width F/2 count the same.
+  such matmuls (three with swiglu); an MoE block runs `expert_rows_per_token` experts of width
+  moe.ffn_dim and its shared experts of width moe.shared_ffn_dim. The router (2*M*E),
+  activations and dispatch are left out, so that a dense FFN of width F, a top-1 MoE of expert
+  width F and a top-2 MoE of expert width F/2 count the same. An int, or a float where expert
+  choice or soft MoE give a fractional row count.
   """
   M = config.model_dim
-  total = 0
+  total = Fraction(0)
   for i in range(config.num_layers):
     if config.is_moe_block(i):
       moe = config.moe
       matmuls = 3 if moe.activation is Activation.SWIGLU else 2
-      experts = moe.router.experts_per_token(moe.group_size)
-      total += (experts * moe.ffn_dim + moe.shared_ffn_dim) * matmuls * 2 * M
+      total += (expert_rows_per_token(moe) * moe.ffn_dim + moe.shared_ffn_dim) * matmuls * 2 * M
     else:
       activation = parse_enum(Activation, "model.activation", config.activation)
       matmuls = 3 if activation is Activation.SWIGLU else 2
       total += matmuls * 2 * M * config.ffn_dim
-  return total
+  return int(total) if total.denominator == 1 else float(total)
+
+
+def expert_rows_per_token(moe: MoeConfig) -> Fraction:
+  """Expert input rows computed per token: k for token choice; E * C / S when k is not a setting.
+
+  Expert choice fills C = ceil(capacity_factor * S / E) slots of each expert per group of S
+  tokens (training capacity), soft MoE p slots of each expert: E * C rows for S tokens.
+  """
+  router = moe.router
+  if router.k is not None:
+    return Fraction(router.k)
+  slots = router.num_experts * router.capacity(moe.group_size, train=True)
+  return Fraction(slots, moe.group_size)
 
 
 def num_params(model: nnx.Module) -> int:

@@ -67,7 +67,8 @@ class MoeConfig:
     router: the router settings (number of experts, k, capacity, losses).
     ffn_dim: F, the hidden width of each expert.
     group_size: S, tokens per routing group; must divide the tokens on each device.
-    dispatch: `DispatchKind.INDEX` (gathers) or `DispatchKind.EINSUM` (one-hot tensors).
+    dispatch: `DispatchKind.INDEX` (gathers) or `DispatchKind.EINSUM` (one-hot tensors); a
+      router with dense dispatch weights (soft MoE) needs EINSUM.
     activation: relu, gelu or swiglu.
     expert_loop: how the experts' matmuls are issued: auto, batched, scan or unroll (same
       results; see `expert_ffn`).
@@ -106,6 +107,11 @@ class MoeConfig:
     if not 0.0 <= self.expert_dropout < 1.0:
       raise ConfigError(typed_config.path_of(self, "expert_dropout"), self.expert_dropout,
                         "must be in [0, 1).")
+    if self.router.family.dense and self.dispatch is not DispatchKind.EINSUM:
+      raise ConfigError(typed_config.path_of(self, "dispatch"), self.dispatch,
+                        f"cannot execute {self.router.PATH}.kind={self.router.kind.value!r}, "
+                        "whose dispatch weights are dense (every slot mixes every token of its "
+                        "group); use 'einsum'.")
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -46,7 +46,7 @@ from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
 from moejax import sharding
 from moejax.config import ExperimentConfig, experiment_config_from
-from moejax.model import ModelAux, ModelConfig, Transformer
+from moejax.model import ModelAux, ModelConfig, Transformer, expert_rows_per_token
 from moejax.moe import RouterState
 from moejax.optim import make_optimizer
 from moejax.param_count import count_params
@@ -481,7 +481,7 @@ def _report_params(state: TrainState, experiment: ExperimentConfig) -> dict[str,
   model = state.model()
   moe = experiment.model.moe
   counts = count_params(nnx.state(model, nnx.Param), experts_per_token=(
-      moe.router.experts_per_token(moe.group_size) if moe else 1))
+      float(expert_rows_per_token(moe)) if moe else 1))
   if jax.process_index() == 0:
     print(counts.describe(), flush=True)
   return counts.as_metrics()

@@ -13,8 +13,10 @@ from moejax.model import active_ffn_flops_per_token
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # compared by experiments/compare.py
+# Routers that look at later tokens of their group: flagged, and allowed explicitly.
+NONCAUSAL_EXPERIMENTS = ("expert_choice_small", "soft_small", "sinkhorn_small")
 # Further router families at the same active FFN FLOPs per token.
-ROUTER_EXPERIMENTS = ("deepseek_small",)
+ROUTER_EXPERIMENTS = ("deepseek_small",) + NONCAUSAL_EXPERIMENTS
 ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
 
 
@@ -51,6 +53,32 @@ def test_routing_settings():
   assert (gshard.moe_every, gshard.moe.router.num_experts, gshard.moe.router.k) == (2, 8, 2)
   assert gshard.moe.ffn_dim * 2 == switch.moe.ffn_dim == switch.ffn_dim
   assert _typed("dense_small").model.moe_every == 0
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_router_family_settings(arg):
+  switch = _typed("switch_small", arg).model.moe
+  expert_choice = _typed("expert_choice_small", arg).model.moe
+  # Expert choice: factor 2 fills 2 rows per token on average, at half the expert width.
+  assert expert_choice.router.capacity(expert_choice.group_size, train=True) * 8 == (
+      2 * expert_choice.group_size)
+  assert expert_choice.ffn_dim * 2 == switch.ffn_dim
+  soft = _typed("soft_small", arg).model.moe
+  assert soft.router.soft.slots_per_expert * 8 == soft.group_size  # as many slots as tokens
+  assert soft.ffn_dim == switch.ffn_dim and soft.dispatch.value == "einsum"
+  sinkhorn = _typed("sinkhorn_small", arg).model.moe
+  assert (sinkhorn.router.k, sinkhorn.ffn_dim) == (1, switch.ffn_dim)
+  for moe in (expert_choice, soft, sinkhorn):
+    assert moe.router.allow_noncausal and not moe.router.causal(train=True)
+
+
+@pytest.mark.parametrize("name", NONCAUSAL_EXPERIMENTS)
+def test_noncausal_experiments_are_flagged(name):
+  assert "NON-CAUSAL" in importlib.import_module(f"experiments.{name}").__doc__
+  config = _get_config(name)
+  config.model.moe.router.allow_noncausal = False
+  with pytest.raises(ValueError, match="model.moe.router.allow_noncausal=True"):
+    _typed_from(config, 1)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
@@ -96,7 +124,6 @@ def ptb_dir(tmp_path_factory):
   return str(data_dir)
 
 
-# The trainer does not yet carry RouterState (deepseek_small's balancing bias) in its state.
 @pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")

@@ -15,6 +15,9 @@ MoE's dense decision: the einsum form only). The modules:
     losses.py         auxiliary losses, each citing its paper's equation
     token_choice.py   switch, gshard, topk
     deepseek.py       deepseek (sigmoid / softmax affinities, group-limited, routed scaling)
+    expert_choice.py  experts pick their top-C tokens (K = E assignments per token)
+    soft.py           soft MoE: dense dispatch and combine weights (einsum form only)
+    sinkhorn.py       S-BASE: top-k on Sinkhorn-balanced scores in training
 
 A decision, for each token's k-th assignment:
 
@@ -36,6 +39,9 @@ import jax.numpy as jnp
 
 from moejax.routing import token_choice  # noqa: F401  (registers its families)
 from moejax.routing import deepseek  # noqa: F401
+from moejax.routing import expert_choice  # noqa: F401  (registers expert_choice)
+from moejax.routing import soft  # noqa: F401  (registers soft)
+from moejax.routing import sinkhorn  # noqa: F401  (registers sinkhorn)
 from moejax.routing.capacity import expert_capacity
 from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
                                    HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,

@@ -1,8 +1,9 @@
 """Router settings (`model.moe.router`): the common fields and one typed group per family.
 
-Fields every router reads: `kind`, `num_experts`, `jitter_eps`, `z_loss_weight`,
-`allow_noncausal`. The others are read by some families only (`family.OPTIONAL_FIELDS`); a field
-the chosen kind does not read must keep its default, so a setting is never silently ignored.
+Fields every router reads: `kind`, `num_experts`, `jitter_eps`, `z_loss_weight`, and
+`allow_noncausal` for the kinds that are not causal in training or evaluation. The others are
+read by some families only (`family.OPTIONAL_FIELDS`); a field the chosen kind does not read must
+keep its default, so a setting is never silently ignored.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ class SinkhornConfig:
   """`sinkhorn`: the balancing iterations of S-BASE routing in training.
 
   Attributes:
-    iterations: at most this many Sinkhorn iterations (each normalises experts, then tokens).
-    tolerance: stop earlier once the experts' totals are within this of their targets.
+    iterations: at most this many Sinkhorn rounds (each rescales the experts' totals to their
+      share N / E of a group's N real tokens, then each token's total to 1).
+    tolerance: a group stops earlier once every expert's total is within this relative error
+      of N / E.
   """
 
   PATH: ClassVar[str] = "model.moe.router.sinkhorn"
@@ -236,7 +239,8 @@ class RouterConfig:
     load_balancing_loss_weight / z_loss_weight: coefficients of the Switch load-balancing loss
       and the router z-loss.
     allow_noncausal: let a causal language model use a router whose decisions look at later
-      tokens of the group (expert choice, soft MoE, Sinkhorn in training).
+      tokens of the group (expert choice, soft MoE, Sinkhorn in training); with a kind that is
+      causal in training and evaluation it is unused, so setting it is an error.
     noisy_topk, soft, sinkhorn, hash, deepseek, balance: the family groups.
   """
 
@@ -307,19 +311,15 @@ class RouterConfig:
     """Fields the chosen kind does not read, with the reason (see `typed_config.check_unused`)."""
     reads = self.family.reads | ({"k"} if self.family.fixed_k != 0 else set())
     kind = f"{self.PATH}.kind={self.kind.value!r}"
-    return {name: f"{kind} does not read it" for name in family_lib.OPTIONAL_FIELDS
-            if name not in reads}
+    unused = {name: f"{kind} does not read it" for name in family_lib.OPTIONAL_FIELDS
+              if name not in reads}
+    if self.causal(train=True) and self.causal(train=False):
+      unused["allow_noncausal"] = f"{kind} is causal in training and evaluation"
+    return unused
 
   def capacity(self, group_size: int, *, train: bool) -> int:
     """C, the slots of each expert per group of `group_size` tokens."""
     return self.family.capacity(self, group_size, train)
-
-  def experts_per_token(self, group_size: int) -> float:
-    """Expert FFNs applied per token (training): k, or C * E / S slots per token for the kinds
-    without k (expert choice: the capacity factor; soft MoE: E * p / S)."""
-    if self.k is not None:
-      return float(self.k)
-    return self.capacity(group_size, train=True) * self.num_experts / group_size
 
   def causal(self, *, train: bool) -> bool:
     """Whether a token's routing depends only on itself and earlier tokens."""
