@@ -43,7 +43,8 @@ def typed_paths(cls=ExperimentConfig, prefix=""):
 # Values for fields whose neighbour of the default would not fit the tiny experiment (layout
 # checks) and for strings, which have no generic "other value".
 SPECIAL = {
-    "model.moe.router.deepseek.num_groups": 2, "model.moe.router.deepseek.group_score_experts": 1, "model.moe.router.kind": "topk",
+    "model.moe.router.deepseek.num_groups": 2, "model.moe.router.deepseek.group_score_experts": 1,
+    "model.moe.router.kind": "gshard",
     "model.vocab_size": 600, "model.head_dim": 18, "model.moe_every": 1, "model.moe.router.k": 3,
     "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.moe.dtype": "bfloat16",
     "model.moe.group_size": 8, "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
