@@ -3,11 +3,22 @@
 Usage:
   .venv/bin/python benchmarks/moe_layer.py                   # the reference shape (below)
   .venv/bin/python benchmarks/moe_layer.py --tokens 2048     # smaller, faster
+  .venv/bin/python benchmarks/moe_layer.py --routers         # every router family, see below
   make bench
 
 Reference shape: T=8192 tokens, M=512, F=2048, E=8, top-1 (Switch), capacity factor 1.25,
 S=1024, float32. The dense FFN has the same active FLOPs per token (one expert of width F), so the
 ratio's floor is the capacity factor: the experts process E*C = 1.25*S slots per group.
+
+Every step is `jax.value_and_grad` of a loss that uses the output (sum(y * dy) plus the aux loss),
+so no side's forward is dead code: with `jax.grad` alone XLA deletes a dense FFN's output matmul
+(the gradient of sum(y * dy) w.r.t. y is the constant dy), a 15-18% unfair discount.
+
+`--routers` times the layer once per router family at the same active FLOPs per token (top-1
+families with experts of width F; top-2 families with F/2; expert choice at the capacity factor;
+soft MoE with S/E slots per expert, one expert row per token), and each family's routing step:
+the same layer with experts of width 8, which leaves routing, dispatch, combine, the router's
+gradient and the aux losses (the experts' matmuls cost about nothing there).
 
 Timings are taken side by side in one run (interleaved repetitions, median), so the printed ratios
 are meaningful on a noisy shared machine even where absolute times are not. The script also
@@ -36,7 +47,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from moejax import sharding  # noqa: E402
 from moejax.moe import MoeConfig, MoeLayer  # noqa: E402
-from moejax.routing import RouterConfig  # noqa: E402
+from moejax.routing import (REGISTRY, DeepseekConfig, RouterConfig, RouterKind,  # noqa: E402
+                            SoftConfig)
 
 
 def _parse_args(argv):
@@ -50,6 +62,7 @@ def _parse_args(argv):
   p.add_argument("--group-size", type=int, default=1024)
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--routers", action="store_true", help="time every router family instead")
   return p.parse_args(argv)
 
 
@@ -60,17 +73,22 @@ def _moe_config(args, dispatch, expert_loop="auto"):
                    dispatch=dispatch, dtype=args.dtype, expert_loop=expert_loop)
 
 
-def _moe_step(args, dispatch, expert_loop="auto"):
-  """A jitted fwd+bwd of the MoE layer: grads w.r.t. all parameters and the input."""
-  layer = MoeLayer(args.model_dim, _moe_config(args, dispatch, expert_loop), rngs=nnx.Rngs(0))
+def _moe_step(args, dispatch, expert_loop="auto", config=None, vocab_size=None):
+  """A jitted fwd+bwd of the MoE layer: the loss, grads w.r.t. all parameters and the input."""
+  config = config or _moe_config(args, dispatch, expert_loop)
+  layer = MoeLayer(args.model_dim, config, rngs=nnx.Rngs(0), vocab_size=vocab_size)
   graphdef, params = nnx.split(layer)
+  token_ids = None
+  if vocab_size is not None:
+    token_ids = jax.random.randint(jax.random.key(2), (args.tokens // args.group_size,
+                                                       args.group_size), 0, vocab_size)
 
   @jax.jit
   def step(params, x, dy):
     def loss(params, x):
-      y, aux = nnx.merge(graphdef, params)(x, train=True)
+      y, aux = nnx.merge(graphdef, params)(x, train=True, token_ids_BL=token_ids)
       return jnp.sum(y * dy) + aux.aux_loss
-    return jax.grad(loss, argnums=(0, 1))(params, x)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   return step, params
 
@@ -88,7 +106,7 @@ def _dense_step(args):
       wi_MF, wo_FM = params
       y = jnp.einsum("BLF,FM->BLM", jax.nn.relu(jnp.einsum("BLM,MF->BLF", x, wi_MF)), wo_FM)
       return jnp.sum(y * dy)
-    return jax.grad(loss, argnums=(0, 1))(params, x)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   return step, params
 
@@ -136,6 +154,56 @@ def all_to_all_bytes(args, dispatch, mesh_shape=(1, 8, 1)) -> tuple[int, list[in
   return len(sizes), sizes
 
 
+# Router families at the reference shape's active FLOPs per token: (RouterConfig settings, MoeConfig
+# settings, expert width relative to F). Families that are not registered are skipped.
+def _router_cases(args):
+  S, E = args.group_size, args.experts
+  factor = dict(capacity_factor_train=args.capacity_factor, min_capacity=1)
+  return {
+      "switch": (dict(kind="switch", **factor), {}, 1.0),
+      "gshard": (dict(kind="gshard", **factor), {}, 0.5),
+      "topk (k=2)": (dict(kind="topk", k=2, **factor), {}, 0.5),
+      "noisy_topk": (dict(kind="noisy_topk", k=1, **factor), {}, 1.0),
+      "expert_choice": (dict(kind="expert_choice", allow_noncausal=True, **factor), {}, 1.0),
+      "soft": (dict(kind="soft", allow_noncausal=True, z_loss_weight=0.0,
+                    soft=SoftConfig(slots_per_expert=S // E)), dict(dispatch="einsum"), 1.0),
+      "sinkhorn": (dict(kind="sinkhorn", k=1, allow_noncausal=True, **factor), {}, 1.0),
+      "hash": (dict(kind="hash", **factor), {}, 1.0),
+      "random": (dict(kind="random", k=1, **factor), {}, 1.0),
+      "deepseek": (dict(kind="deepseek", k=2, deepseek=DeepseekConfig(num_groups=4, topk_groups=2),
+                        **factor), {}, 0.5),
+  }
+
+
+def _router_steps(args, x, dy):
+  """name -> (full layer step, routing-step layer) closures, for the registered families."""
+  steps = {}
+  for name, (router_kw, moe_kw, width) in _router_cases(args).items():
+    if RouterKind(router_kw["kind"]) not in REGISTRY:
+      continue
+    vocab = 1024 if REGISTRY[RouterKind(router_kw["kind"])].token_ids else None
+    for suffix, ffn_dim in (("", int(args.ffn_dim * width)), (" routing", 8)):
+      config = MoeConfig(router=RouterConfig(num_experts=args.experts, **router_kw),
+                         ffn_dim=ffn_dim, group_size=args.group_size, dtype=args.dtype,
+                         **{"dispatch": "index", **moe_kw})
+      step, params = _moe_step(args, None, config=config, vocab_size=vocab)
+      steps[name + suffix] = (lambda step=step, params=params: step(params, x, dy))
+  return steps
+
+
+def routers_main(args, x, dy):
+  dense, dense_params = _dense_step(args)
+  fns = {"dense": lambda: dense(dense_params, x, dy), **_router_steps(args, x, dy)}
+  t = time_side_by_side(fns, args.repeats)
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); "
+        f"load average {os.getloadavg()[0]:.2f}; T={args.tokens} M={args.model_dim} "
+        f"F={args.ffn_dim} E={args.experts} capacity_factor={args.capacity_factor} "
+        f"S={args.group_size} {args.dtype}, forward+backward, median of {args.repeats}")
+  print(f"{'router':<16}{'layer x dense':>15}{'routing step x dense':>22}")
+  for name in (n for n in t if n != "dense" and not n.endswith(" routing")):
+    print(f"{name:<16}{t[name] / t['dense']:>15.2f}{t[name + ' routing'] / t['dense']:>22.2f}")
+
+
 def main(argv=None):
   args = _parse_args(argv)
   B = args.tokens // args.group_size
@@ -144,6 +212,8 @@ def main(argv=None):
   x = jax.device_put(jax.random.normal(key_x, (B, args.group_size, args.model_dim)), device)
   dy = jax.device_put(jax.random.normal(key_dy, x.shape), device)
   x, dy = x.astype(args.dtype), dy.astype(args.dtype)
+  if args.routers:
+    return routers_main(args, x, dy)
 
   dense, dense_params = _dense_step(args)
   index, index_params = _moe_step(args, "index")
