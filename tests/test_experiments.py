@@ -12,7 +12,10 @@ from moejax.data import corpora
 from moejax.model import active_ffn_flops_per_token
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")
+EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # experiments/compare.py's set
+# One experiment per further router family, at the same active FFN FLOPs.
+ROUTER_EXPERIMENTS = ("noisy_topk_small", "random_small", "hash_small")
+ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
@@ -27,7 +30,7 @@ def _typed(name, arg=None, num_devices=1):
                                            num_processes=1)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_configs_load_and_validate(name, arg):
   experiment = _typed(name, arg)
@@ -37,7 +40,7 @@ def test_configs_load_and_validate(name, arg):
 
 
 def test_docstrings_give_the_command():
-  for name in EXPERIMENTS:
+  for name in ALL_EXPERIMENTS:
     doc = importlib.import_module(f"experiments.{name}").__doc__
     assert f"--config=experiments/{name}.py" in doc, name
 
@@ -50,12 +53,23 @@ def test_routing_settings():
   assert _typed("dense_small").model.moe_every == 0
 
 
+def test_router_family_settings():
+  noisy, random, hashed = (_typed(name).model for name in ROUTER_EXPERIMENTS)
+  assert (noisy.moe.router.kind.value, noisy.moe.router.k) == ("noisy_topk", 2)
+  assert noisy.moe.router.noisy_topk.noise.value == "learned"
+  assert (random.moe.router.kind.value, random.moe.router.k) == ("random", 1)
+  assert (hashed.moe.router.kind.value, hashed.moe.router.k) == ("hash", 1)
+  assert hashed.moe.router.hash.table.value == "random"
+  for model in (noisy, random, hashed):
+    assert (model.moe_every, model.moe.router.num_experts) == (2, 8)
+
+
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_equal_active_ffn_flops_per_token(arg):
-  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in EXPERIMENTS}
+  flops = {name: active_ffn_flops_per_token(_typed(name, arg).model) for name in ALL_EXPERIMENTS}
   # dense_small: 4 blocks x 2 matmuls x 2 FLOPs x M=128 x F=512.
   expected = 4 * 2 * 2 * 128 * 512 if arg is None else 2 * 2 * 2 * 32 * 64
-  assert flops == dict.fromkeys(EXPERIMENTS, expected)
+  assert flops == dict.fromkeys(ALL_EXPERIMENTS, expected)
 
 
 def test_unknown_variant_is_rejected():
@@ -83,7 +97,14 @@ def ptb_dir(tmp_path_factory):
   return str(data_dir)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+# The hash layers' token -> expert tables are RouterState, which the trainer's state does not
+# carry yet: create_train_state refuses such a model rather than drop the tables.
+_TRAINABLE = [pytest.param(name, marks=pytest.mark.xfail(
+    strict=True, raises=ValueError, reason="the trainer does not carry RouterState yet"))
+              if name == "hash_small" else name for name in ALL_EXPERIMENTS]
+
+
+@pytest.mark.parametrize("name", _TRAINABLE)
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)

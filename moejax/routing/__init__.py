@@ -14,6 +14,9 @@ MoE's dense decision: the einsum form only). The modules:
     capacity.py       expert capacity, the k-major slot claim, batch priority
     losses.py         auxiliary losses, each citing its paper's equation
     token_choice.py   switch, gshard, topk
+    noisy_topk.py     noisy top-k (Shazeer et al. 2017) and V-MoE's fixed-noise variant
+    random_routing.py uniformly random experts
+    hash_routing.py   expert from the token id (Roller et al. 2021)
 
 A decision, for each token's k-th assignment:
 
@@ -34,6 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routing import token_choice  # noqa: F401  (registers its families)
+from moejax.routing import noisy_topk  # noqa: F401  (registers its family)
+from moejax.routing import random_routing  # noqa: F401  (registers its family)
+from moejax.routing import hash_routing  # noqa: F401  (registers its family)
 from moejax.routing.capacity import expert_capacity
 from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
                                    HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,
