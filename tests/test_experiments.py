@@ -16,7 +16,8 @@ EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # compared by exp
 # Routers that look at later tokens of their group: flagged, and allowed explicitly.
 NONCAUSAL_EXPERIMENTS = ("expert_choice_small", "soft_small", "sinkhorn_small")
 # Further router families at the same active FFN FLOPs per token.
-ROUTER_EXPERIMENTS = ("deepseek_small",) + NONCAUSAL_EXPERIMENTS
+ROUTER_EXPERIMENTS = ("deepseek_small", "noisy_topk_small", "random_small",
+                      "hash_small") + NONCAUSAL_EXPERIMENTS
 ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
 
 
@@ -53,6 +54,18 @@ def test_routing_settings():
   assert (gshard.moe_every, gshard.moe.router.num_experts, gshard.moe.router.k) == (2, 8, 2)
   assert gshard.moe.ffn_dim * 2 == switch.moe.ffn_dim == switch.ffn_dim
   assert _typed("dense_small").model.moe_every == 0
+
+
+def test_noisy_random_and_hash_settings():
+  noisy, random, hashed = (_typed(name).model
+                           for name in ("noisy_topk_small", "random_small", "hash_small"))
+  assert (noisy.moe.router.kind.value, noisy.moe.router.k) == ("noisy_topk", 2)
+  assert noisy.moe.router.noisy_topk.noise.value == "learned"
+  assert (random.moe.router.kind.value, random.moe.router.k) == ("random", 1)
+  assert (hashed.moe.router.kind.value, hashed.moe.router.k) == ("hash", 1)
+  assert hashed.moe.router.hash.table.value == "random"
+  for model in (noisy, random, hashed):
+    assert (model.moe_every, model.moe.router.num_experts) == (2, 8)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])

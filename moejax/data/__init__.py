@@ -8,12 +8,14 @@
     for batch in eval_batches(config, tokenizer, batch_size=8, max_batches=50): ...
 
 Modules: `config` (DataConfig), `corpora` (TFDS builders `moejax_public_domain` and `ptb`),
-`tokenizer` (SentencePiece and word tokenizers), `pipeline` (prepare and the grain streams).
+`tokenizer` (SentencePiece and word tokenizers), `pipeline` (prepare and the grain streams),
+`token_counts` (token id frequencies of a split, for hash routing's balanced table).
 """
 
 from moejax.data.config import DataConfig, data_config_from
 from moejax.data.corpora import MoejaxPublicDomain, Ptb
 from moejax.data.pipeline import eval_batches, prepare, tokenizer_path, train_iterator
+from moejax.data.token_counts import count_tokens
 from moejax.data.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
@@ -28,6 +30,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "Tokenizer",
     "WordTokenizer",
+    "count_tokens",
     "data_config_from",
     "eval_batches",
     "prepare",

@@ -18,6 +18,9 @@ MoE's dense decision: the einsum form only). The modules:
     expert_choice.py  experts pick their top-C tokens (K = E assignments per token)
     soft.py           soft MoE: dense dispatch and combine weights (einsum form only)
     sinkhorn.py       S-BASE: top-k on Sinkhorn-balanced scores in training
+    noisy_topk.py     noisy top-k (Shazeer et al. 2017) and V-MoE's fixed-noise variant
+    random_routing.py uniformly random experts
+    hash_routing.py   expert from the token id (Roller et al. 2021)
 
 A decision, for each token's k-th assignment:
 
@@ -42,6 +45,9 @@ from moejax.routing import deepseek  # noqa: F401
 from moejax.routing import expert_choice  # noqa: F401  (registers expert_choice)
 from moejax.routing import soft  # noqa: F401  (registers soft)
 from moejax.routing import sinkhorn  # noqa: F401  (registers sinkhorn)
+from moejax.routing import noisy_topk  # noqa: F401  (registers its family)
+from moejax.routing import random_routing  # noqa: F401  (registers its family)
+from moejax.routing import hash_routing  # noqa: F401  (registers its family)
 from moejax.routing.capacity import expert_capacity
 from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
                                    HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,
