@@ -44,10 +44,11 @@ from moejax import data as data_lib
 from moejax import divergence
 from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
-from moejax import sharding
+from moejax import routing, sharding
 from moejax.config import ExperimentConfig, experiment_config_from
 from moejax.model import ModelAux, ModelConfig, Transformer, expert_rows_per_token
 from moejax.moe import RouterState
+from moejax.routing import hash_routing
 from moejax.optim import make_optimizer
 from moejax.param_count import count_params
 
@@ -346,6 +347,8 @@ def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Pat
     if restored is not None:
       latest, items = restored
       state = state.replace(**items)
+    else:  # a fresh start: tables built from the data (a resumed run has them in its checkpoint)
+      state = _with_balanced_hash_tables(state, model_config, experiment, tokenizer)
 
     # ---- update
     train_fn, eval_fn = compile_steps(state, mesh, batch_spec)
@@ -362,6 +365,26 @@ def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Pat
   if jax.process_index() == 0:
     _print_summary(result, workdir)
   return result
+
+
+def _with_balanced_hash_tables(state: TrainState, model_config: ModelConfig,
+                               experiment: ExperimentConfig, tokenizer) -> TrainState:
+  """Hash routers with `hash.table="balanced"` get the table built from the training split's
+  token counts (Roller et al. 2021); the layers start with the seeded random table otherwise."""
+  moe = model_config.moe
+  if moe is None or not moe.router.family.token_ids or (
+      moe.router.hash.table is not routing.HashTableKind.BALANCED):
+    return state
+  counts = data_lib.count_tokens(experiment.data, tokenizer)
+  counts = np.pad(counts, (0, model_config.vocab_size - counts.shape[0]))
+  table = hash_routing.balanced_table(counts, moe.router.num_experts, moe.router.hash.seed)
+
+  def install(path, value):
+    if path and getattr(path[-1], "key", None) == "hash_table":
+      return jax.device_put(jnp.asarray(table, value.dtype), value.sharding)
+    return value
+
+  return state.replace(router_state=jax.tree_util.tree_map_with_path(install, state.router_state))
 
 
 def _has_checkpoints(workdir: epath.Path) -> bool:

@@ -49,11 +49,15 @@ def _bias_records(workdir):
 
 def _final_bias(workdir, ptb_dir, num_steps):
   """The bias in the newest checkpoint, read back through the trainer's own restore."""
+  return _saved_router_state(workdir, _config(ptb_dir, num_steps))[0]
+
+
+def _saved_router_state(workdir, config):
+  """The leaves of the router state in the newest checkpoint of `workdir`."""
   from moejax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from moejax import config as config_lib  # pylint: disable=g-import-not-at-top
   from moejax import data as data_lib  # pylint: disable=g-import-not-at-top
   from moejax import sharding  # pylint: disable=g-import-not-at-top
-  config = _config(ptb_dir, num_steps)
   experiment = config_lib.experiment_config_from(config)
   mesh = sharding.make_mesh(experiment.mesh)
   tokenizer = data_lib.prepare(experiment.data)
@@ -64,7 +68,7 @@ def _final_bias(workdir, ptb_dir, num_steps):
     restored = checkpointer.restore(checkpointer.latest_step(),
                                     checkpoint_lib.abstract_like(state.checkpoint_items()))
     checkpointer.close()
-  return np.asarray(jax.tree.leaves(restored["router_state"])[0])
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(restored["router_state"])]
 
 
 def test_bias_moves_by_the_rule_is_checkpointed_and_resumes_bitwise(ptb_dir, tmp_path):
@@ -88,3 +92,24 @@ def test_bias_moves_by_the_rule_is_checkpointed_and_resumes_bitwise(ptb_dir, tmp
   last_move = saved - biases[-1]
   assert np.all(np.isclose(np.abs(last_move), RATE, rtol=1e-6) | (last_move == 0))
   np.testing.assert_array_equal(saved, _final_bias(half_dir, ptb_dir, 4))
+
+
+def test_a_balanced_hash_table_is_built_from_the_training_counts(ptb_dir, tmp_path):
+  from moejax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from moejax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from moejax.routing import hash_routing  # pylint: disable=g-import-not-at-top
+  config = _config(ptb_dir, 1)
+  config.model.moe.router.update(kind="hash")
+  config.model.moe.router.balance.bias_update_rate = 0.0
+  config.model.moe.router.hash.table = "balanced"
+  train.train_and_evaluate(config, tmp_path)
+  (table,) = _saved_router_state(tmp_path, config)
+  experiment = config_lib.experiment_config_from(config)
+  tokenizer = data_lib.prepare(experiment.data)
+  counts = data_lib.count_tokens(experiment.data, tokenizer)
+  expected = hash_routing.balanced_table(counts, 8, 0)
+  np.testing.assert_array_equal(table[:counts.shape[0]], expected)
+  # Balanced: the experts' shares of the training tokens differ by at most the largest count.
+  loads = np.bincount(expected, weights=counts, minlength=8)
+  assert loads.max() - loads.min() <= counts.max()
+  assert not np.array_equal(table, hash_routing.random_table(table.shape[0], 8, 0))
