@@ -15,7 +15,9 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # compared by experiments/compare.py
 # Further router families at the same active FFN FLOPs per token.
 ROUTER_EXPERIMENTS = ("deepseek_small",)
-ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
+# Other objectives at the same active FFN FLOPs per token (masked LM: moejax/objective.py).
+OBJECTIVE_EXPERIMENTS = ("mlm_small",)
+ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS + OBJECTIVE_EXPERIMENTS
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
