@@ -1,11 +1,14 @@
-"""A decoder-only transformer language model whose FFN is an MoE layer every `moe_every` blocks.
+"""A transformer language model whose FFN is an MoE layer every `moe_every` blocks.
+
+`model.objective` makes it a decoder (causal_lm: causal attention, next-token prediction) or an
+encoder (masked_lm: bidirectional attention, masked-token prediction; moejax/objective.py).
 
 Dimensions (docs/design.md): B batch, L sequence (query positions), M model width, F FFN width,
 H heads, D head width, V vocabulary. Attention also needs the key positions, written T (the same
 length as L; T is not a token count here), and RoPE the R = D/2 rotated pairs of a head.
 
     inputs (B, L) int -> embedding (B, L, M)
-      -> num_layers x block:  x + attention(rms_norm(x))   causal, RoPE on q and k
+      -> num_layers x block:  x + attention(rms_norm(x))   causal or bidirectional, RoPE
                               x + ffn(rms_norm(x))         dense FFN or MoeLayer
       -> rms_norm -> logits (B, L, V) float32               tied to the embedding or separate
 
@@ -24,10 +27,12 @@ Causality caveat: token-choice routing with a capacity limit lets tokens compete
 within a routing group. With top-1 routing in position order and groups no longer than a sequence
 (`group_size` dividing L) the model is exactly causal. Groups spanning several sequences,
 batch-prioritized routing, or k >= 2 (every first choice claims a slot before any second choice)
-let a later token change whether an earlier token is dropped when capacity overflows.
+let a later token change whether an earlier token is dropped when capacity overflows. None of
+this matters to a masked LM, whose every position sees the whole sequence anyway.
 
 Routers that decide from the whole group (expert choice, soft MoE, Sinkhorn in training) are not
-causal at all: `check_causality` refuses them unless `model.moe.router.allow_noncausal=True`.
+causal at all: in the causal LM `check_causality` refuses them unless
+`model.moe.router.allow_noncausal=True`; the masked LM (`model.objective="masked_lm"`) takes any.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from moejax import sharding, typed_config
 from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
+from moejax.objective import MaskedLmConfig, Objective
 from moejax.typed_config import ConfigError, parse_enum
 
 RMS_NORM_EPS = 1e-6
@@ -74,6 +80,9 @@ class ModelConfig:
     dropout_rate: residual dropout (after attention and after the FFN), in training only.
     rope_base: base of the rotary position embedding frequencies.
     tie_embeddings: reuse the embedding (V, M) as the output projection.
+    objective: "causal_lm" (causal attention, next-token loss) or "masked_lm" (bidirectional
+      attention, masked-token loss; V includes the mask token). See moejax/objective.py.
+    masked_lm: the masked-LM corruption settings; unused (None) under causal_lm.
   """
 
   PATH: ClassVar[str] = "model"
@@ -92,6 +101,8 @@ class ModelConfig:
   dropout_rate: float = 0.0
   rope_base: float = 10000.0
   tie_embeddings: bool = True
+  objective: Objective = Objective.CAUSAL_LM
+  masked_lm: MaskedLmConfig | None = None
 
   def __post_init__(self):
     typed_config.check_fields(self)
@@ -113,7 +124,14 @@ class ModelConfig:
       fail("dropout_rate", "must be in [0, 1).")
     if not self.rope_base > 1.0:
       fail("rope_base", "must be a number > 1.")
+    if self.objective is Objective.MASKED_LM and self.vocab_size < 3:
+      fail("vocab_size", "must be >= 3 with model.objective='masked_lm': padding, at least one "
+           "token and the mask token.")
     typed_config.check_unused(self)
+    if self.objective is Objective.CAUSAL_LM:
+      object.__setattr__(self, "masked_lm", None)
+    elif self.masked_lm is None:
+      object.__setattr__(self, "masked_lm", MaskedLmConfig())
     if self.moe_every == 0:
       object.__setattr__(self, "moe", None)
     elif self.moe.dtype is None:  # the experts compute in the model's dtype unless set
@@ -121,9 +139,21 @@ class ModelConfig:
     check_causality(self)
 
   def unused_fields(self) -> dict[str, str]:
+    unused = {}
     if self.moe_every == 0:
-      return {"moe": "model.moe_every=0 builds a dense model, which has no MoE layer"}
-    return {}
+      unused["moe"] = "model.moe_every=0 builds a dense model, which has no MoE layer"
+    if self.objective is Objective.CAUSAL_LM:
+      unused["masked_lm"] = "model.objective='causal_lm' masks no tokens"
+    return unused
+
+  @property
+  def causal(self) -> bool:
+    """Whether a position may depend only on itself and earlier positions (causal_lm).
+
+    A masked LM sees the whole sequence, so routers that look at later tokens of their group
+    are legitimate there.
+    """
+    return self.objective is Objective.CAUSAL_LM
 
   def is_moe_block(self, index: int) -> bool:
     """Whether block `index` (0-based) holds an MoeLayer instead of a dense FFN."""
@@ -132,6 +162,13 @@ class ModelConfig:
 
 def _fail(config, name: str, must: str):
   raise ConfigError(typed_config.path_of(config, name), getattr(config, name), must)
+
+
+def noncausal_routing(config: ModelConfig) -> bool:
+  """Whether this causal LM routes with a router that looks at later tokens (allowed explicitly):
+  its results are then marked non-causal in the run's output and metrics."""
+  return bool(config.moe is not None and config.causal and not (
+      config.moe.router.causal(train=True) and config.moe.router.causal(train=False)))
 
 
 def check_causality(config: ModelConfig) -> None:
@@ -143,7 +180,7 @@ def check_causality(config: ModelConfig) -> None:
   non-causal. A bidirectional (masked-LM) model, where every router is legitimate, skips this
   check. Raises ConfigError naming the router kind and the flag.
   """
-  if config.moe is None:
+  if config.moe is None or not config.causal:
     return
   router = config.moe.router
   noncausal = [mode for mode, train in (("training", True), ("evaluation", False))
@@ -202,16 +239,21 @@ def apply_rope(x_BLHD: jax.Array, positions_L: jax.Array, base: float) -> jax.Ar
   return rotated_BLHD.astype(x_BLHD.dtype)
 
 
-def attention_mask(length: int, mask_BL: jax.Array | None) -> jax.Array:
-  """Bool (B or 1, L, T): query l may attend key t iff t <= l and (key t is real or t == l).
+def attention_mask(length: int, mask_BL: jax.Array | None, *, causal: bool = True
+                   ) -> jax.Array:
+  """Bool (B or 1, L, T): query l may attend key t iff (t <= l, when causal) and (key t is real
+  or t == l).
 
   Real queries see only real keys; a padding query sees at least itself, so no row is empty.
   """
-  causal_LT = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  if causal:
+    order_LT = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  else:
+    order_LT = jnp.ones((length, length), jnp.bool_)
   if mask_BL is None:
-    return causal_LT[None]
+    return order_LT[None]
   self_LT = jnp.eye(length, dtype=jnp.bool_)
-  return causal_LT[None] & (mask_BL.astype(jnp.bool_)[:, None, :] | self_LT[None])
+  return order_LT[None] & (mask_BL.astype(jnp.bool_)[:, None, :] | self_LT[None])
 
 
 def _batch_sharded_like(x: jax.Array, ndim: int):
@@ -239,7 +281,8 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE; scores and softmax in float32."""
+  """Multi-head self-attention with RoPE, over the keys `allowed_BLT` permits (causal or
+  bidirectional); scores and softmax in float32."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     M, H, D = config.model_dim, config.num_heads, config.head_dim
@@ -351,7 +394,8 @@ class ModelAux:
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM: (B, L) token ids -> (logits (B, L, V) float32, ModelAux)."""
+  """The LM (a decoder or, for masked_lm, an encoder): (B, L) token ids -> (logits (B, L, V)
+  float32, ModelAux)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -380,7 +424,7 @@ class Transformer(nnx.Module):
     B, L = inputs_BL.shape
     x_BLM = self.embed[...].at[inputs_BL].get(
         out_sharding=_batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
-    allowed_BLT = attention_mask(L, mask_BL)
+    allowed_BLT = attention_mask(L, mask_BL, causal=self.config.causal)
     aux_by_layer = {}
     for i, block in enumerate(self.blocks):
       x_BLM, aux = block(x_BLM, allowed_BLT, mask_BL, train, inputs_BL)

@@ -16,8 +16,10 @@ inside it from its graph definition and the parameters (`nnx.merge`). Its random
 router jitter, ...) are the model's initial streams with the step number folded in, so the random
 numbers of step s depend only on the seed and s, and a resumed run repeats them exactly.
 
-The loss is the mean token cross-entropy over the targets' mask plus the model's auxiliary loss
-(the weighted MoE load-balancing and router z-losses).
+The loss is the mean token cross-entropy plus the model's auxiliary loss (the weighted MoE
+load-balancing and router z-losses). The objective (`objective.py`) says over what: the next token
+at every real position (causal_lm), or the original token at the masked positions (masked_lm,
+whose masks are drawn from the seed and the step, or the evaluation batch's index).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from moejax import data as data_lib
 from moejax import divergence
 from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
+from moejax import objective as objective_lib
 from moejax import routing, sharding
 from moejax.config import ExperimentConfig, experiment_config_from
-from moejax.model import ModelAux, ModelConfig, Transformer, expert_rows_per_token
+from moejax.model import (ModelAux, ModelConfig, Transformer, expert_rows_per_token,
+                          noncausal_routing)
 from moejax.moe import RouterState
 from moejax.routing import hash_routing
 from moejax.optim import make_optimizer
@@ -66,7 +70,8 @@ class TrainState:
   hash tables); the layers update it in the forward pass, and it is checkpointed too. `rngs` holds
   the model's random streams as initialised from the seed; it never changes (see `step_rngs`).
   `graphdef`, `tx` and `schedule` are static: the model's structure, the optimizer and the
-  learning-rate schedule.
+  learning-rate schedule. `objective` (static) turns batches into model inputs and loss targets;
+  its masking streams are a function of the seed, so they are not checkpointed.
   """
 
   step: jax.Array  # int32 scalar: the number of updates applied so far
@@ -77,6 +82,7 @@ class TrainState:
   graphdef: nnx.GraphDef = dataclasses.field(metadata=_STATIC)
   tx: optax.GradientTransformation = dataclasses.field(metadata=_STATIC)
   schedule: optax.Schedule = dataclasses.field(metadata=_STATIC)
+  objective: objective_lib.TrainingObjective = dataclasses.field(metadata=_STATIC)
 
   def checkpoint_items(self) -> dict[str, Any]:
     """What a checkpoint holds."""
@@ -125,11 +131,12 @@ def moe_metrics(aux: ModelAux) -> dict[str, dict[str, jax.Array]]:
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer update on `batch` ({"inputs", "targets", "mask"}: (B, L))."""
   rngs = step_rngs(state.rngs, state.step)
+  example = state.objective.example(batch, state.objective.train_key(state.step))
 
   def loss_fn(params):
     model = nnx.merge(state.graphdef, params, rngs, state.router_state)
-    logits_BLV, aux = model(batch["inputs"], mask_BL=batch["mask"], train=True)
-    loss_sum, tokens = token_loss(logits_BLV, batch["targets"], batch["mask"])
+    logits_BLV, aux = model(example.inputs, mask_BL=example.mask, train=True)
+    loss_sum, tokens = token_loss(logits_BLV, example.targets, example.loss_mask)
     cross_entropy = loss_sum / jnp.maximum(tokens, 1.0)
     # The routers' non-parameter state as the forward pass left it (e.g. the updated bias).
     router_state = jax.lax.stop_gradient(nnx.to_pure_dict(nnx.state(model, RouterState)))
@@ -155,10 +162,11 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, A
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> dict[str, Any]:
-  """Summed token loss, token count and routing metrics of one evaluation batch."""
-  logits_BLV, aux = state.model()(batch["inputs"], mask_BL=batch["mask"], train=False)
-  loss_sum, tokens = token_loss(logits_BLV, batch["targets"], batch["mask"])
+def eval_step(state: TrainState, batch: Batch, index: jax.Array) -> dict[str, Any]:
+  """Summed token loss, token count and routing metrics of evaluation batch number `index`."""
+  example = state.objective.example(batch, state.objective.eval_key(index))
+  logits_BLV, aux = state.model()(example.inputs, mask_BL=example.mask, train=False)
+  loss_sum, tokens = token_loss(logits_BLV, example.targets, example.loss_mask)
   return {"loss_sum": loss_sum, "tokens": tokens, "moe": moe_metrics(aux)}
 
 
@@ -196,7 +204,8 @@ def create_train_state(model_config: ModelConfig, experiment: ExperimentConfig,
   opt_state = jax.jit(tx.init)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
   return TrainState(step=step, params=params, opt_state=opt_state, rngs=rngs,
-                    router_state=router_state, graphdef=graphdef, tx=tx, schedule=schedule)
+                    router_state=router_state, graphdef=graphdef, tx=tx, schedule=schedule,
+                    objective=objective_lib.TrainingObjective.of(model_config, seed))
 
 
 def shardings_of(tree: Any) -> Any:
@@ -210,7 +219,7 @@ def compile_steps(state: TrainState, mesh: jax.sharding.Mesh, batch_spec: P):
   replicated = NamedSharding(mesh, P())
   train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding, replicated),
                      out_shardings=replicated)
   return train, evaluate
 
@@ -231,8 +240,8 @@ def evaluate(eval_fn, state: TrainState, batches, batch_sharding: NamedSharding
   Routing metrics are averaged over the batches, weighted by their real tokens.
   """
   loss_sum, tokens, moe_sums = 0.0, 0.0, None
-  for batch in batches:
-    out = jax.device_get(eval_fn(state, device_batch(batch, batch_sharding)))
+  for index, batch in enumerate(batches):
+    out = jax.device_get(eval_fn(state, device_batch(batch, batch_sharding), np.int32(index)))
     weight = float(out["tokens"])
     loss_sum += float(out["loss_sum"])
     tokens += weight
@@ -363,7 +372,7 @@ def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Pat
       writer.close()
       checkpointer.close()
   if jax.process_index() == 0:
-    _print_summary(result, workdir)
+    _print_summary(result, workdir, state.objective)
   return result
 
 
@@ -405,13 +414,16 @@ def _prepare_data(experiment: ExperimentConfig):
 
 
 def _with_vocab(model: ModelConfig, vocab_size: int, config) -> ModelConfig:
-  """The model config with the tokenizer's vocabulary (or a larger, explicitly set one)."""
+  """The model config with the tokenizer's vocabulary (or a larger, explicitly set one); a masked
+  LM's has one more row, its mask token."""
+  needed = vocab_size + (0 if model.causal else 1)
   explicit = config.model.get("vocab_size") if hasattr(config.model, "get") else None
   if explicit is None:
-    return dataclasses.replace(model, vocab_size=vocab_size)
-  if explicit < vocab_size:
+    return dataclasses.replace(model, vocab_size=needed)
+  if explicit < needed:
+    extra = "" if model.causal else " plus the mask token"
     raise ValueError(f"model.vocab_size={explicit} is smaller than the tokenizer's vocabulary "
-                     f"({vocab_size}); leave it unset to use the tokenizer's.")
+                     f"({vocab_size}){extra}; leave it unset to use the tokenizer's.")
   return model
 
 
@@ -466,7 +478,8 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
         scalars.update(metrics_lib.flatten_metrics({"eval": evaluation}))
         result["eval/step"] = float(step)
         if not (preempted or step == cfg.num_steps):  # the summary reports the last one
-          bar.note(f"step {step}: validation loss {evaluation['loss']:.4f}, "
+          bar.note(f"step {step}: validation {state.objective.loss_name} "
+                   f"{evaluation['loss']:.4f}, "
                    f"perplexity {evaluation['perplexity']:.2f}")
       if scalars:
         writer.write_scalars(step, scalars)
@@ -505,18 +518,26 @@ def _report_params(state: TrainState, experiment: ExperimentConfig) -> dict[str,
   moe = experiment.model.moe
   counts = count_params(nnx.state(model, nnx.Param), experts_per_token=(
       float(expert_rows_per_token(moe)) if moe else 1))
+  noncausal = noncausal_routing(experiment.model)
   if jax.process_index() == 0:
     print(counts.describe(), flush=True)
-  return counts.as_metrics()
+    if noncausal:
+      print(f"NON-CAUSAL: model.moe.router.kind={experiment.model.moe.router.kind.value!r} looks "
+            "at later tokens of its group in this causal LM (allow_noncausal=True); its losses "
+            "are not comparable with causal runs.", flush=True)
+  return {**counts.as_metrics(), "model/noncausal_routing": float(noncausal)}
 
 
-def _print_summary(result: dict[str, float], workdir: epath.Path) -> None:
-  """Validation perplexity and per-layer expert load, on stdout."""
+def _print_summary(result: dict[str, float], workdir: epath.Path,
+                   objective: objective_lib.TrainingObjective) -> None:
+  """Validation perplexity (of the objective's loss) and per-layer expert load, on stdout."""
   step = int(result["step"])
+  if result.get("model/noncausal_routing"):
+    print("NON-CAUSAL routing (allow_noncausal=True): not comparable with causal runs.")
   if "eval/loss" in result:
-    print(f"step {int(result.get('eval/step', step))}: validation loss {result['eval/loss']:.4f}, "
-          f"perplexity {result['eval/perplexity']:.2f} "
-          f"({int(result['eval/tokens'])} tokens)")
+    print(f"step {int(result.get('eval/step', step))}: validation {objective.loss_name} "
+          f"{result['eval/loss']:.4f}, perplexity {result['eval/perplexity']:.2f} "
+          f"({int(result['eval/tokens'])} {objective.counted_tokens})")
   print(f"training throughput: {metrics_lib.format_count(result['train/tokens_per_sec_mean'])} "
         "tokens/s (mean, compilation, evaluation and checkpoints excluded)")
   layers = sorted({k.split("/")[2] for k in result if k.startswith("eval/moe/")},

@@ -59,6 +59,7 @@ SPECIAL = {
 # Settings a field needs beside it to be used by the chosen variant (by path prefix).
 _ROUTER = "model.moe.router."
 CONTEXT = {
+    "model.masked_lm.": {"model.objective": "masked_lm"},
     _ROUTER + "k": {_ROUTER + "kind": "topk"},
     _ROUTER + "normalize_weights": {_ROUTER + "kind": "topk", _ROUTER + "k": 2},
     _ROUTER + "second_expert_": {_ROUTER + "kind": "gshard"},

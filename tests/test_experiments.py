@@ -18,7 +18,9 @@ NONCAUSAL_EXPERIMENTS = ("expert_choice_small", "soft_small", "sinkhorn_small")
 # Further router families at the same active FFN FLOPs per token.
 ROUTER_EXPERIMENTS = ("deepseek_small", "noisy_topk_small", "random_small",
                       "hash_small") + NONCAUSAL_EXPERIMENTS
-ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS
+# Other objectives at the same active FFN FLOPs per token (masked LM: moejax/objective.py).
+OBJECTIVE_EXPERIMENTS = ("mlm_small",)
+ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS + OBJECTIVE_EXPERIMENTS
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
@@ -151,6 +153,8 @@ def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in records] == [1]
+  # Non-causal routers in the causal LM are marked as such in the metrics.
+  assert records[0]["model/noncausal_routing"] == float(name in NONCAUSAL_EXPERIMENTS)
   loads = [v for k, v in records[0].items() if k.startswith("moe/layer_1/expert_load/")]
   if name == "dense_small":
     assert loads == [] and result["train/aux_loss"] == 0.0
