@@ -249,6 +249,10 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
   if resuming and path.exists():
     old = json.loads(path.read_text())
     changes = typed_config.differences(old, json.loads(json.dumps(new)))
+    # A field added to moejax after the workdir's config was saved, at its default, is no change.
+    defaults = json.loads(json.dumps(typed_config.as_plain(default_config().to_dict())))
+    changes = [(field, before, after) for field, before, after in changes
+               if not (before == typed_config.MISSING and after == _at(defaults, field))]
     refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS]
     if refused:
       listed = "; ".join(f"{field}: {before!r} -> {after!r}" for field, before, after in refused)
@@ -262,3 +266,11 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
     partial.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     partial.replace(path)
   return changes
+
+
+def _at(tree: dict, path: str) -> Any:
+  for part in path.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return typed_config.MISSING
+    tree = tree[part]
+  return tree

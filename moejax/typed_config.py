@@ -243,12 +243,18 @@ def as_plain(obj) -> Any:
   return _plain(obj)
 
 
+MISSING = "<missing>"  # a field one of two compared trees does not have (an older config)
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-  """(path, old, new) for every leaf where two `as_plain` trees differ (groups recursed)."""
+  """(path, old, new) for every leaf where two `as_plain` trees differ (groups recursed).
+
+  A field only one tree has is reported with `MISSING` on the other side.
+  """
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
     for key in sorted(set(old) | set(new)):
       path = f"{prefix}.{key}" if prefix else key
-      out += differences(old.get(key), new.get(key), path)
+      out += differences(old.get(key, MISSING), new.get(key, MISSING), path)
     return out
   return [] if old == new else [(prefix, old, new)]

@@ -290,3 +290,16 @@ def test_trainer_refuses_a_changed_config_on_resume_and_accepts_more_steps(tmp_p
   result = train.train_and_evaluate(config(train__num_steps=2), workdir)
   assert result["step"] == 2
   assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 2
+
+
+def test_a_field_added_since_the_saved_config_is_no_change_at_its_default(tmp_path):
+  config_lib.check_resume(tmp_path, _experiment(), resuming=False)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["model"]["moe"]["router"]["allow_noncausal"]  # as a config saved before it existed
+  del saved["model"]["moe"]["router"]["hash"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert config_lib.check_resume(tmp_path, _experiment(), resuming=True) == []
+  del saved["train"]["seed"]  # a field at a value other than its default is still refused
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match=r"train\.seed: '<missing>' -> 1"):
+    config_lib.check_resume(tmp_path, _experiment(("train.seed", 1)), resuming=True)
