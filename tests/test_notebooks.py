@@ -1,5 +1,9 @@
 """Executes every notebook under notebooks/ and checks values the routing walkthrough prints.
 
+The routing walkthrough's decisions are recomputed here with numpy from the same hand-written
+inputs (router logits, noise, uniform numbers, token ids), written out again below: each router
+family's formula and the capacity claim as plain loops, independent of moejax.
+
 Each notebook runs in a fresh ipykernel of the current Python (the native kernel spec, whatever
 kernel specs are installed elsewhere), with the repository root as working directory and first on
 PYTHONPATH, so it imports this checkout's moejax. The kernel is a separate process that does not
@@ -7,13 +11,16 @@ see conftest's 8 simulated devices: it gets JAX_PLATFORMS=cpu and XLA_FLAGS with
 count, i.e. one CPU device, as when a notebook is opened on its own. Any cell error fails the test.
 """
 
+import ast
 import functools
+import math
 import os
 import pathlib
 import re
 import sys
 
 import nbformat
+import numpy as np
 import pytest
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
@@ -101,3 +108,299 @@ def test_routing_walkthrough_printed_values():
   assert "buffers equal: True" in text
   assert _float(r"einsum vs index: max \|y difference\| (\S+)", text) <= 1e-5
   assert re.search(r"einsum vs index: .*allclose: True", text)
+
+
+
+# The walkthrough's inputs: one group of S = 8 tokens, E = 4 experts.
+LOGITS_SE = np.array([
+    [2.0, 0.5, 0.0, -1.0], [1.5, 1.0, -0.5, 0.0], [0.0, 2.5, 0.5, 0.0], [3.0, 0.0, 1.0, -0.5],
+    [0.0, 0.0, 2.0, 1.0], [-1.0, 1.0, 0.0, 2.0], [0.5, 0.0, 0.0, 1.5], [0.0, 1.5, 1.0, 0.5]])
+NOISE_SE = np.array([
+    [0.3, -0.5, 1.2, 0.1], [-1.0, 0.4, 0.0, 0.8], [0.2, -0.3, 0.9, -1.1], [0.5, 0.0, -0.7, 0.3],
+    [-0.4, 1.6, -0.2, 0.0], [0.1, -0.8, 0.6, -0.3], [0.7, 0.2, -1.3, 0.4], [-0.6, 0.1, 0.7, 0.8]])
+UNIFORM_SE = np.array([
+    [0.12, 0.85, 0.40, 0.33], [0.51, 0.07, 0.28, 0.93], [0.77, 0.31, 0.64, 0.05],
+    [0.22, 0.46, 0.91, 0.58], [0.36, 0.19, 0.72, 0.44], [0.95, 0.62, 0.13, 0.27],
+    [0.48, 0.55, 0.09, 0.81], [0.68, 0.74, 0.35, 0.16]])
+TOKEN_IDS = [0, 1, 2, 3, 0, 4, 0, 5]  # the cat sat on the mat the end
+S, E = LOGITS_SE.shape
+WEIGHT_ATOL = 6e-4  # weights are printed to 3 decimals
+
+
+def _walkthrough() -> str:
+  return _stdout(_execute(REPO / "notebooks" / "routing_walkthrough.ipynb"))
+
+
+def _softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def _top(scores_SE, k):
+  """Each row's k largest entries, best first (ties: the lower index)."""
+  return [[int(e) for e in np.argsort(-row, kind="stable")[:k]] for row in scores_SE]
+
+
+def _claim(choices, capacity):
+  """The kept experts of each token: first choices claim slots before second choices, tokens in
+  position order, at most `capacity` per expert."""
+  count = [0] * E
+  keep = [[False] * len(c) for c in choices]
+  for k in range(max(len(c) for c in choices)):
+    for s, c in enumerate(choices):
+      if k < len(c) and count[c[k]] < capacity:
+        count[c[k]] += 1
+        keep[s][k] = True
+  return [[e for e, kept in zip(c, keep[s]) if kept] for s, c in enumerate(choices)]
+
+
+def _weights(kept, weight_of):
+  return [[weight_of(s, e) for e in experts] for s, experts in enumerate(kept)]
+
+
+def _printed_list(line_start: str, text: str):
+  match = re.search(rf"^{re.escape(line_start)} (.*)$", text, re.M)
+  assert match, f"no line starts with {line_start!r}"
+  return ast.literal_eval(match.group(1))
+
+
+def _matrix(title: str, text: str, rows: int) -> np.ndarray:
+  """The `rows` lines numpy printed after the line starting with `title`."""
+  lines = text.splitlines()
+  start = next((i for i, line in enumerate(lines) if line.startswith(title)), None)
+  assert start is not None, f"no line starts with {title!r}"
+  values = [[float(v) for v in re.findall(r"-?\d+\.?\d*(?:e-?\d+)?", line)]
+            for line in lines[start + 1:start + 1 + rows]]
+  return np.array(values)
+
+
+def _assert_decision(label: str, text: str, kept, weights):
+  assert _printed_list(f"{label} experts:", text) == kept, label
+  printed = _printed_list(f"{label} weights:", text)
+  assert [len(w) for w in printed] == [len(w) for w in weights], label
+  np.testing.assert_allclose(sum(printed, []), sum(weights, []), atol=WEIGHT_ATOL, err_msg=label)
+
+
+def _noisy_topk():
+  """Top 2 of H = logits + noise (std 1), weights softmax over the kept two; C = 4."""
+  noisy_SE = LOGITS_SE + NOISE_SE
+  choices = _top(noisy_SE, 2)
+  gates = [dict(zip(c, _softmax(noisy_SE[s, c]))) for s, c in enumerate(choices)]
+  return choices, _claim(choices, 4), gates
+
+
+def _sinkhorn_balanced(iterations=10, tolerance=1e-3):
+  """Columns rescaled to N / E = 2, rows to 1, until the columns are within tolerance."""
+  balanced_SE = _softmax(LOGITS_SE)
+  for rounds in range(1, iterations + 1):
+    balanced_SE = balanced_SE * (S / E / balanced_SE.sum(axis=0))
+    balanced_SE = balanced_SE / balanced_SE.sum(axis=1, keepdims=True)
+    if np.max(np.abs(balanced_SE.sum(axis=0) / (S / E) - 1)) <= tolerance:
+      break
+  return balanced_SE, rounds
+
+
+def _deepseek_grouped():
+  """Sigmoid affinities; the better of groups {0, 1} and {2, 3} by summed affinity; both of its
+  experts, best first."""
+  s_SE = _sigmoid(LOGITS_SE)
+  choices = []
+  for row in s_SE:
+    group = 0 if row[:2].sum() >= row[2:].sum() else 1
+    experts = [2 * group, 2 * group + 1]
+    choices.append(sorted(experts, key=lambda e: -row[e]))
+  return choices
+
+
+def _expert_choice_picks(logits_SE, capacity=2):
+  """Expert e -> its `capacity` tokens of highest softmax affinity, best first."""
+  probs_SE = _softmax(logits_SE)
+  return {e: [int(s) for s in np.argsort(-probs_SE[:, e], kind="stable")[:capacity]]
+          for e in range(E)}
+
+
+def _mix32(h: int) -> int:
+  h ^= h >> 16
+  h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+  h ^= h >> 13
+  h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+  return h ^ (h >> 16)
+
+
+def test_walkthrough_inputs_are_the_hand_written_ones():
+  text = _walkthrough()
+  np.testing.assert_allclose(_matrix("softmax probabilities", text, S), _softmax(LOGITS_SE),
+                             atol=WEIGHT_ATOL)
+  np.testing.assert_allclose(_matrix("H(x) = logits + 1.0 * noise", text, S),
+                             LOGITS_SE + NOISE_SE, atol=1e-6)
+
+
+def test_noisy_topk_decision_and_losses():
+  text = _walkthrough()
+  choices, kept, gates = _noisy_topk()
+  _assert_decision("noisy_topk train", text, kept, _weights(kept, lambda s, e: gates[s][e]))
+  probs_SE = _softmax(LOGITS_SE)
+  clean = _top(LOGITS_SE, 2)  # evaluation: no noise; C = ceil(2 * 2.0 * 8 / 4) = 8
+  _assert_decision("noisy_topk eval", text, clean,
+                   _weights(clean, lambda s, e: probs_SE[s, e] / probs_SE[s, clean[s]].sum()))
+  # Importance: the gates before capacity summed per expert. Load: sum over tokens of
+  # Phi((clean logit - threshold) / 1), the threshold the k-th largest noisy logit of the others.
+  cv2 = lambda x: np.var(x) / np.mean(x) ** 2
+  importance_E = np.zeros(E)
+  for s, gate in enumerate(gates):
+    for e, g in gate.items():
+      importance_E[e] += g
+  noisy_SE = LOGITS_SE + NOISE_SE
+  load_E = np.zeros(E)
+  for s in range(S):
+    for e in range(E):
+      others = np.sort(np.delete(noisy_SE[s], e))[::-1]
+      threshold = others[1]  # k = 2: the 2nd largest of the other experts' noisy logits
+      load_E[e] += 0.5 * (1 + math.erf((LOGITS_SE[s, e] - threshold) / math.sqrt(2)))
+  for name, expected in [("importance_loss", cv2(importance_E)), ("load_loss", cv2(load_E))]:
+    assert _float(rf"noisy_topk {name}: (\S+)", text) == pytest.approx(expected, rel=1e-4), name
+
+
+def test_random_decision_in_training_and_evaluation():
+  text = _walkthrough()
+  train = _claim(_top(UNIFORM_SE, 1), 2)
+  assert train == [[1], [3], [0], [2], [2], [0], [3], [1]]
+  _assert_decision("random train", text, train, _weights(train, lambda s, e: 1.0))
+  # Evaluation: u(s, e) = mix32((s * E + e) xor seed), top 24 bits; C = ceil(2.0 * 8 / 4) = 4.
+  fixed_SE = np.array([[(_mix32((s * E + e) ^ 0x9E3779B9) >> 8) / 2 ** 24 for e in range(E)]
+                       for s in range(S)])
+  evaluation = _claim(_top(fixed_SE, 1), 4)
+  _assert_decision("random eval", text, evaluation, _weights(evaluation, lambda s, e: 1.0))
+
+
+def test_hash_decision_from_the_balanced_table():
+  text = _walkthrough()
+  # Counts: the 3, the other five words 1. Greedy: "the" -> expert 0, then cat, sat, on -> 1, 2, 3
+  # (the empty experts, lowest index first), mat -> 1 and end -> 2 (1 token each, fewest ids).
+  table = [0, 1, 2, 3, 1, 2]
+  assert "balanced table: [0 1 2 3 1 2]" in text
+  kept = _claim([[table[t]] for t in TOKEN_IDS], 2)  # the third "the" (token 6) overflows
+  assert kept[6] == []
+  _assert_decision("hash", text, kept, _weights(kept, lambda s, e: 1.0))
+  assert "hash: dropped tokens [6]" in text
+
+
+def test_sinkhorn_decision_in_training_and_evaluation():
+  text = _walkthrough()
+  balanced_SE, rounds = _sinkhorn_balanced()
+  assert f"balanced scores after {rounds} rounds" in text
+  np.testing.assert_allclose(_matrix("balanced scores after", text, S), balanced_SE,
+                             atol=WEIGHT_ATOL)
+  probs_SE = _softmax(LOGITS_SE)
+  renormalised = lambda choices: lambda s, e: probs_SE[s, e] / probs_SE[s, choices[s]].sum()
+  choices = _top(balanced_SE, 2)
+  assert choices[6] == [3, 2] and _top(probs_SE, 2)[6] == [3, 0]
+  kept = _claim(choices, 4)
+  _assert_decision("sinkhorn train", text, kept, _weights(kept, renormalised(choices)))
+  evaluation = _top(probs_SE, 2)  # C = 8: nothing overflows
+  _assert_decision("sinkhorn eval", text, evaluation, _weights(evaluation, renormalised(evaluation)))
+
+
+def test_deepseek_groups_and_balancing_bias():
+  text = _walkthrough()
+  s_SE = _sigmoid(LOGITS_SE)
+  scaled = lambda choices: lambda s, e: 2.5 * s_SE[s, e] / s_SE[s, choices[s]].sum()
+  grouped = _deepseek_grouped()
+  assert grouped[7] == [2, 3] and _top(s_SE, 2)[7] == [1, 2]
+  for label, choices in [("deepseek groups", grouped), ("deepseek no groups", _top(s_SE, 2))]:
+    kept = _claim(choices, 4)  # weights normalised over the chosen 2, before capacity
+    _assert_decision(label, text, kept, _weights(kept, scaled(choices)))
+  # Top-1 by affinity, then one bias step at rate 0.1 from the load: 0.1 * sign(mean - load).
+  before = _top(s_SE, 1)
+  load_E = np.bincount(sum(before, []), minlength=E)
+  bias_E = 0.1 * np.sign(load_E.mean() - load_E)
+  after = _top(s_SE + bias_E, 1)
+  assert after == [[0], [1], [1], [0], [2], [3], [3], [2]]
+  affinity = lambda s, e: s_SE[s, e]  # weights never see the bias
+  _assert_decision("deepseek before bias", text, _claim(before, 2),
+                   _weights(_claim(before, 2), affinity))
+  _assert_decision("deepseek after bias", text, _claim(after, 2),
+                   _weights(_claim(after, 2), affinity))
+  max_vio = lambda load: load.max() / load.mean() - 1
+  assert _float(r"MaxVio before bias: (\S+)", text) == pytest.approx(max_vio(load_E), abs=1e-3)
+  after_load = np.bincount(sum(after, []), minlength=E)
+  assert _float(r"MaxVio after bias: (\S+)", text) == pytest.approx(max_vio(after_load), abs=1e-3)
+
+
+def test_expert_choice_picks_and_causality():
+  text = _walkthrough()
+  picks = _expert_choice_picks(LOGITS_SE)
+  assert _printed_list("expert_choice picks:", text) == picks
+  kept = [[e for e in range(E) if s in picks[e]] for s in range(S)]
+  probs_SE = _softmax(LOGITS_SE)
+  _assert_decision("expert_choice", text, kept, _weights(kept, lambda s, e: probs_SE[s, e]))
+  later_SE = LOGITS_SE.copy()
+  later_SE[7] = [4.0, 1.5, 1.0, 0.5]
+  later = _expert_choice_picks(later_SE)
+  assert _printed_list("expert_choice picks, token 7 changed:", text) == later
+  assert 0 in picks[0] and not any(0 in tokens for tokens in later.values())
+  assert "expert_choice token 0 reaches: [0] -> []" in text
+  assert "switch token 0 reaches: [0] -> [0]" in text
+
+
+def test_soft_dispatch_and_combine_weights():
+  text = _walkthrough()
+  np.testing.assert_allclose(_matrix("soft dispatch D", text, S), _softmax(LOGITS_SE, axis=0),
+                             atol=WEIGHT_ATOL)
+  np.testing.assert_allclose(_matrix("soft combine C", text, S), _softmax(LOGITS_SE, axis=1),
+                             atol=WEIGHT_ATOL)
+  assert "index dispatch: model.moe.dispatch='index' cannot execute" in text
+
+
+def _reference_assignments():
+  """Router -> (assignments before capacity, kept assignments, C), each a list per token."""
+  probs_SE = _softmax(LOGITS_SE)
+  token_choice = {
+      "switch": (_top(probs_SE, 1), 2), "gshard": (_top(probs_SE, 2), 4),
+      "topk k=3": (_top(probs_SE, 3), 6), "noisy_topk": (_noisy_topk()[0], 4),
+      "random": (_top(UNIFORM_SE, 1), 2), "hash": ([[[0, 1, 2, 3, 1, 2][t]] for t in TOKEN_IDS], 2),
+      "sinkhorn": (_top(_sinkhorn_balanced()[0], 2), 4), "deepseek": (_deepseek_grouped(), 4),
+  }
+  references = {name: (choices, _claim(choices, c), c)
+                for name, (choices, c) in token_choice.items()}
+  picks = _expert_choice_picks(LOGITS_SE)
+  chosen = [[e for e in range(E) if s in picks[e]] for s in range(S)]
+  references["expert_choice"] = (chosen, chosen, 2)  # a pick is an assignment, always kept
+  return references
+
+
+def test_every_router_reports_the_same_metrics():
+  text = _walkthrough()
+  for name, (assigned, kept, capacity) in _reference_assignments().items():
+    assigned_E = np.bincount(sum(assigned, []), minlength=E)
+    kept_E = np.bincount(sum(kept, []), minlength=E)
+    expected = [sum(not k for k in kept) / S, kept_E.sum() / S,
+                assigned_E.max() / assigned_E.mean() - 1, np.sum(kept_E == 0),
+                kept_E.sum() / (E * capacity)]
+    match = re.search(rf"^metrics {re.escape(name)} +((?:\S+ *){{5}})$", text, re.M)
+    assert match, name
+    np.testing.assert_allclose([float(v) for v in match.group(1).split()], expected, atol=1e-4,
+                               err_msg=name)
+  # Soft MoE: each expert processes its p = 1 slot; nothing dropped; E * p / S rows per token.
+  match = re.search(r"^metrics soft +((?:\S+ *){5})$", text, re.M)
+  assert match
+  np.testing.assert_allclose([float(v) for v in match.group(1).split()],
+                             [0.0, E / S, 0.0, 0.0, 1.0], atol=1e-4)
+
+
+def test_causality_of_every_router():
+  text = _walkthrough()
+  expected = {  # kind: (k, causal in training, causal in evaluation)
+      "switch": ("1", True, True), "gshard": ("2", True, True), "topk": ("any", True, True),
+      "noisy_topk": ("any", True, True), "random": ("any", True, True), "hash": ("1", True, True),
+      "deepseek": ("any", True, True), "sinkhorn": ("any", False, True),
+      "expert_choice": ("-", False, False), "soft": ("-", False, False),
+  }
+  printed = {}
+  for match in re.finditer(r"^causality (\w+) +(\S+) +(True|False) +(True|False)", text, re.M):
+    printed[match.group(1)] = (match.group(2), match.group(3) == "True", match.group(4) == "True")
+  assert printed == expected
