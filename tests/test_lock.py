@@ -117,18 +117,21 @@ def test_a_lock_record_from_another_host_is_refused_with_what_to_do(tmp_path):
 def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path):
   """`python -m moejax.main` on a workdir that this test process holds."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  with lock.WorkdirLock(tmp_path):
+  workdir, data_dir = tmp_path / "run", tmp_path / "no_data_yet"
+  workdir.mkdir()
+  with lock.WorkdirLock(workdir):
     started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "moejax.main", "--config=experiments/switch_small.py:tiny",
-         f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path / 'no_data_yet'}"],
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     seconds = time.monotonic() - started
   assert run.returncode != 0
   assert (f"is in use by another moejax run (host {socket.gethostname()}, pid {os.getpid()}, "
           "started ") in run.stderr
   assert seconds < 60  # before building data or compiling anything
-  assert sorted(p.name for p in tmp_path.iterdir()) == [lock.LOCK_FILE]  # nothing else written
+  assert sorted(p.name for p in workdir.iterdir()) == [lock.LOCK_FILE]  # nothing else written
+  assert not data_dir.exists() or not any(data_dir.iterdir())  # no dataset built
 
 
 def test_every_process_of_a_multi_process_run_stops_when_the_workdir_is_locked(tmp_path):
