@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices, configured before JAX initialises a backend."""
 
 import os
+import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -29,3 +30,13 @@ def compile_once(tmp_path_factory):
   yield cache_dir
   jax.config.update("jax_compilation_cache_dir", None)
   compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def ptb_dir(tmp_path_factory):
+  """The Penn Treebank fixture (tests/fixtures/ptb: 40 training sentences) built as a TFDS
+  dataset with its word vocabulary, once for the whole session; tests only read it."""
+  from moejax.data import corpora  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp("ptb")
+  corpora.build("ptb", data_dir, source_dir=pathlib.Path(__file__).parent / "fixtures" / "ptb")
+  return str(data_dir)

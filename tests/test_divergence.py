@@ -20,22 +20,13 @@ import pytest
 
 from experiments import switch_small
 from moejax import checkpoint, divergence, metrics, train
-from moejax.data import corpora
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 WATCHED = ("train/loss", "train/grad_norm")
 DIVERGING = dict(learning_rate=10.0, weight_decay=1.0, clip_norm=0.0, schedule="constant",
                  warmup_steps=0)
 
 pytestmark = pytest.mark.usefixtures("compile_once")
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
 
 
 def diverging_config(data_dir, **train_overrides):

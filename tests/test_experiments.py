@@ -2,16 +2,13 @@
 
 import importlib
 import math
-import pathlib
 
 import numpy as np
 import pytest
 
 from moejax import config as config_lib, metrics, train
-from moejax.data import corpora
 from moejax.model import active_ffn_flops_per_token
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 EXPERIMENTS = ("dense_small", "switch_small", "gshard_small")  # compared by experiments/compare.py
 # Routers that look at later tokens of their group: flagged, and allowed explicitly.
 NONCAUSAL_EXPERIMENTS = ("expert_choice_small", "soft_small", "sinkhorn_small")
@@ -130,13 +127,6 @@ def test_expert_parallel_mesh_on_eight_devices():
 
 def _typed_from(config, num_devices):
   return config_lib.experiment_config_from(config, num_devices=num_devices, num_processes=1)
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
 
 
 @pytest.mark.parametrize("name", ALL_EXPERIMENTS)

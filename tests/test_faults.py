@@ -36,10 +36,8 @@ import pytest
 
 from experiments import switch_small
 from moejax import checkpoint, config as config_lib, data as data_lib, metrics, train
-from moejax.data import corpora
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 NUM_STEPS = 6  # of every trainer run here; a checkpoint after each step, the newest 3 kept
 TRIALS = int(os.environ.get("MOEJAX_FAULT_TRIALS", "4"))
 SEED = int(os.environ.get("MOEJAX_FAULT_SEED", "0"))
@@ -48,13 +46,6 @@ SEED = int(os.environ.get("MOEJAX_FAULT_SEED", "0"))
 SHUFFLE_WINDOW = 16
 
 pytestmark = pytest.mark.usefixtures("compile_once")
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
 
 
 # ----------------------------------------------------------------------------- damage

@@ -16,18 +16,9 @@ import time
 import pytest
 
 from moejax import checkpoint, main
-from moejax.data import corpora
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 TINY = "--config=experiments/switch_small.py:tiny"
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory) -> str:
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ numpy recomputation, and a masked-LM run that resumes bitwise. Runs use the PTB 
 """
 
 import dataclasses
-import pathlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,25 +21,17 @@ from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import metrics, sharding, train
 from moejax import model as model_lib
-from moejax.data import corpora
+from moejax import routing
 from moejax.model import ModelConfig, Transformer
 from moejax.moe import MoeConfig
 from moejax.objective import MaskedLmConfig, Objective, TrainingObjective
 from moejax.routing import RouterConfig
 from moejax.typed_config import ConfigError
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 VOCAB, L = 50, 16
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
 
 
 def mlm_config(data_dir, **train_overrides):
@@ -365,3 +357,27 @@ def test_mlm_small_takes_a_router_from_the_command_line(overrides):
   experiment = config_lib.experiment_config_from(config, num_devices=1, num_processes=1)
   assert experiment.model.moe.router.kind.value == overrides[0].split("=")[1]
   assert experiment.model.objective is Objective.MASKED_LM
+
+
+# Router settings beside the kind, for the masked-LM experiment (switch_small's router otherwise).
+_ROUTER_OVERRIDES = {
+    "topk": dict(k=2), "noisy_topk": dict(k=1), "sinkhorn": dict(k=1), "random": dict(k=1),
+    "deepseek": dict(k=2), "soft": {}, "expert_choice": {}, "hash": {},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [k.value for k in routing.RouterKind])
+def test_the_masked_lm_experiment_trains_with_every_router(kind, ptb_dir, tmp_path):
+  config = mlm_small.get_config("tiny")
+  config.data.update(name="ptb", data_dir=ptb_dir)
+  config.mesh.update(data=2, expert=4)
+  config.train.update(num_steps=1, eval_batches=1)
+  config.model.moe.router.kind = kind
+  config.model.moe.router.update(_ROUTER_OVERRIDES.get(kind, {}))
+  if kind == "soft":
+    config.model.moe.dispatch = "einsum"
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result["step"] == 1
+  assert math.isfinite(result["train/loss"]) and math.isfinite(result["eval/loss"])
+  assert result["model/noncausal_routing"] == 0.0  # a bidirectional model: nothing to mark

@@ -4,7 +4,6 @@ The bias moves after every training step by rate * sign(mean load - load), is no
 optimizer, is checkpointed, and a resumed run continues it bitwise.
 """
 
-import pathlib
 
 import jax
 import numpy as np
@@ -12,19 +11,10 @@ import pytest
 
 from experiments import switch_small
 from moejax import metrics, train
-from moejax.data import corpora
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 RATE = 0.01
 
 pytestmark = pytest.mark.usefixtures("compile_once")
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=REPO / "tests" / "fixtures" / "ptb")
-  return str(data_dir)
 
 
 def _config(ptb_dir, num_steps):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.routing import BalanceConfig, RouterConfig, SinkhornConfig, route
+from moejax.routing import BalanceConfig, RouterConfig, SinkhornConfig
 from moejax.routing.sinkhorn import sinkhorn_log_balance
 from test_moe import (E, M, S, T, _all_to_alls, _compiled_forward_text, apply,
                       assert_same_results, grads_fn, inputs, make_layer, sharded_grads)

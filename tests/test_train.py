@@ -29,21 +29,12 @@ from experiments import switch_small
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import metrics, sharding, train
-from moejax.data import corpora
 from moejax.optim import OptimizerConfig, learning_rate_schedule
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
 
 
 def tiny_config(data_dir, **train_overrides):
