@@ -9,7 +9,7 @@ CONFIG ?= experiments/switch_small.py
 # `make test` skips tests marked slow (multi-process kill/resume, SIGTERM); `make test-all` runs them.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: venv train test test-all bench bench-train compare clean
+.PHONY: venv train test test-all bench bench-train study compare clean
 
 venv: $(STAMP)
 
@@ -37,9 +37,17 @@ bench: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) benchmarks/train_speed.py
 
-STEPS ?= 500
-compare: $(STAMP)
-	$(PY) experiments/compare.py --steps $(STEPS) --workdir_root runs/compare
+# `make study STUDY=NAME` runs experiments/studies/NAME.py: trains the runs not yet finished (under
+# runs/studies/NAME; an interrupted one resumes), then writes its table, JSON and figures there.
+# STEPS=n and SEEDS="0 1" change every run; WRITE_DOCS=1 rewrites docs/studies/NAME.* instead.
+STUDY ?= compare
+study: $(STAMP)
+	$(PY) -m moejax.study $(STUDY) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(WRITE_DOCS),--write-docs)
+
+# dense_small, switch_small and gshard_small, three seeds each.
+compare: STUDY = compare
+compare: study
 
 clean:
 	rm -rf $(VENV) runs

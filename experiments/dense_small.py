@@ -8,7 +8,8 @@ MoE experiments match in active FFN FLOPs per token.
 
 Hardware: one CPU. Run time on the 2-core development machine: about 6 minutes (about 7.6k
 training tokens/s). Expected result (seed 0): validation loss 4.231, perplexity 68.8 after 500
-steps. `experiments/compare.py` puts it beside switch_small and gshard_small (docs/compare.md).
+steps. The `compare` study (experiments/studies/compare.py, `make compare`) puts it beside
+switch_small and gshard_small over three seeds; docs/compare.md has the single-seed table.
 """
 
 from experiments import base

@@ -1,4 +1,4 @@
-"""Executes every notebook under notebooks/ and checks values the routing walkthrough prints.
+"""Executes every notebook under notebooks/ and checks values the notebooks print.
 
 The routing walkthrough's decisions are recomputed here with numpy from the same hand-written
 inputs (router logits, noise, uniform numbers, token ids), written out again below: each router
@@ -9,10 +9,15 @@ kernel specs are installed elsewhere), with the repository root as working direc
 PYTHONPATH, so it imports this checkout's moejax. The kernel is a separate process that does not
 see conftest's 8 simulated devices: it gets JAX_PLATFORMS=cpu and XLA_FLAGS without the device
 count, i.e. one CPU device, as when a notebook is opened on its own. Any cell error fails the test.
+
+The reproduction notebook reads the committed study results (docs/studies); it is also executed on
+the fixture report tests/fixtures/studies/tiny.json (made by running that tiny study), and what it
+prints is checked against that JSON.
 """
 
 import ast
 import functools
+import json
 import math
 import os
 import pathlib
@@ -25,6 +30,8 @@ import pytest
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
+
+import study_cells
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -44,8 +51,9 @@ def _kernel_env() -> dict[str, str]:
 
 
 @functools.cache
-def _execute(path: pathlib.Path):
-  """The notebook at `path`, executed (once per test session); raises on any cell error."""
+def _execute(path: pathlib.Path, **extra_env: str):
+  """The notebook at `path`, executed (once per test session and environment); raises on any
+  cell error. `extra_env` is added to the kernel's environment."""
   nb = nbformat.read(path, as_version=4)
   # No kernel directories: the spec manager falls back to ipykernel's native spec, whose command
   # is this interpreter (sys.executable).
@@ -53,7 +61,7 @@ def _execute(path: pathlib.Path):
   assert km.kernel_spec.argv[0] == sys.executable, km.kernel_spec.argv
   client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, record_timing=False,
                           resources={"metadata": {"path": str(REPO)}})
-  client.execute(env=_kernel_env())
+  client.execute(env={**_kernel_env(), **extra_env})
   return nb
 
 
@@ -404,3 +412,27 @@ def test_causality_of_every_router():
   for match in re.finditer(r"^causality (\w+) +(\S+) +(True|False) +(True|False)", text, re.M):
     printed[match.group(1)] = (match.group(2), match.group(3) == "True", match.group(4) == "True")
   assert printed == expected
+
+
+def test_reproduction_notebook_prints_and_draws_the_study_numbers():
+  studies = REPO / "tests" / "fixtures" / "studies"
+  nb = _execute(REPO / "notebooks" / "reproduction.ipynb", MOEJAX_STUDIES_DIR=str(studies))
+  text = _stdout(nb)
+  result = json.loads((studies / "tiny.json").read_text())
+  assert "1 studies in tests/fixtures/studies: tiny" in text
+  lines = text.splitlines()
+  for run in result["runs"]:
+    line = next(line for line in lines if line.startswith(f"{run['name']}: "))
+    cells = line[len(run["name"]) + 2:].split("; ")
+    assert [c.split(" ", 1)[0] for c in cells] == result["table_metrics"]
+    for cell in cells:
+      metric, value = cell.split(" ", 1)
+      study_cells.assert_cell_matches(value, run["metrics"].get(metric), f"{run['name']} {metric}")
+  images = [out for cell in nb.cells for out in cell.get("outputs", [])
+            if "image/png" in out.get("data", {})]
+  assert len(images) == len(result["plots"]) + len(result["curves"])
+  readings = [line for line in lines if line.startswith("[tiny] ")]
+  assert [r.split(" ", 2)[1].rstrip(":") for r in readings] == [*result["plots"],
+                                                                 *result["curves"]]
+  loss = {run["name"]: run["metrics"]["eval/loss"]["mean"] for run in result["runs"]}
+  assert readings[0].startswith(f"[tiny] eval/loss: lowest for {min(loss, key=loss.get)}, ")

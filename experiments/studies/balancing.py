@@ -1,0 +1,49 @@
+"""balancing: load-balancing loss weights, the router z-loss, and aux-loss-free balancing.
+
+    python -m moejax.study balancing
+
+Runs, all switch_small (top-1, 8 experts) at equal active FFN FLOPs per token:
+
+* `model.moe.router.load_balancing_loss_weight` 0, 1e-3, 1e-2 (the experiments') and 1e-1
+  (Switch Transformer, Fedus et al. 2021: 1e-2 balances without hurting quality);
+* the router z-loss off (`z_loss_weight=0` against 1e-3; ST-MoE, Zoph et al. 2022: the z-loss
+  keeps router logits small and training stable, at no cost in quality);
+* aux-loss-free balancing (Wang et al. 2024, DeepSeek-V3): no load-balancing loss, a per-expert
+  selection bias updated by `model.moe.router.balance.bias_update_rate=1e-3`.
+
+Reported: quality, MaxVio (how far the busiest expert is above the mean load; Wang et al.), the
+dropped fraction and the router z-loss, the mean squared log-partition of the router logits,
+which measures their magnitude (moejax logs no other logit statistic).
+
+Run time: about 5-6 minutes per run on the 2-core development machine (18 runs), not yet
+measured. Measured result: not yet run.
+"""
+
+from moejax.study import Run, Study
+
+SWITCH = "experiments/switch_small.py"
+ROUTER = "model.moe.router"
+
+
+def get_study() -> Study:
+  runs = [Run(f"lb{weight:g}", SWITCH, overrides=(f"{ROUTER}.load_balancing_loss_weight={weight}",))
+          for weight in (0.0, 1e-3, 1e-2, 1e-1)]
+  runs.append(Run("no_z_loss", SWITCH, overrides=(f"{ROUTER}.z_loss_weight=0.0",),
+                  note="load balancing 1e-2"))
+  runs.append(Run("aux_loss_free", SWITCH,
+                  overrides=(f"{ROUTER}.load_balancing_loss_weight=0.0",
+                             f"{ROUTER}.balance.bias_update_rate=0.001"),
+                  note="bias update rate 1e-3, no balancing loss"))
+  return Study(
+      description=(
+          "Load balancing: the Switch load-balancing loss at weights 0 to 1e-1, the ST-MoE "
+          "router z-loss on and off, and DeepSeek's aux-loss-free bias: quality, MaxVio, "
+          "dropped tokens and router logit magnitude (the z-loss)."),
+      runs=tuple(runs),
+      seeds=(0, 1, 2),
+      metrics=("eval/loss", "eval/moe/*/max_load_violation", "moe/*/max_load_violation",
+               "eval/moe/*/dropped_fraction", "eval/moe/*/router_z_loss"),
+      plots=("eval/loss", "eval/moe/*/max_load_violation", "eval/moe/*/router_z_loss"),
+      curves=("eval/loss",),
+      evaluations=4,
+  )

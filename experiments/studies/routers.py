@@ -1,0 +1,81 @@
+"""routers: every router kind of this build, plus dense, at equal active FFN FLOPs per token.
+
+    python -m moejax.study routers
+    python -m moejax.study routers --list    # which kinds this build has
+
+Each MoE run is switch_small (every second block of 4 an MoE layer of 8 experts, one routing
+group per 128-token sequence) with the router changed and the expert width F chosen so that the
+experts a token uses cost what one dense FFN of width 512 costs: F=512 for one expert per token,
+F=256 for two; deepseek is experiments/deepseek_small.py (16 experts of F=128, k=2, and a shared
+expert of 256). `SETTINGS` holds the overrides of every `RouterKind`; the study runs the kinds
+registered in this build (`moejax.routing.REGISTRY`) and names the others in its description.
+
+Routers whose decision for a token looks at later tokens of its group (expert choice, soft MoE,
+Sinkhorn in training) leak the future into a causal language model's training loss; moejax
+refuses them unless `model.moe.router.allow_noncausal=True`, which these runs set. Their rows are
+flagged in the table: their losses are not comparable with the causal routers' (the masked-LM
+setting where they are fair does not exist in moejax yet).
+
+Run time: about 5-6 minutes per run on the 2-core development machine (3 seeds per kind), not
+yet measured as a study. Measured result: not yet run.
+"""
+
+from moejax.routing import REGISTRY, RouterKind
+from moejax.study import Run, Study
+
+SWITCH = "experiments/switch_small.py"
+ROUTER = "model.moe.router"
+NONCAUSAL = (f"{ROUTER}.allow_noncausal=True",)
+
+# kind -> (experiment, overrides). Kinds not registered in this build are checked (by
+# tests/test_study.py) once they are.
+SETTINGS = {
+    RouterKind.SWITCH: (SWITCH, ()),
+    RouterKind.GSHARD: ("experiments/gshard_small.py", ()),
+    RouterKind.TOPK: (SWITCH, (f"{ROUTER}.kind=topk", f"{ROUTER}.k=2", "model.moe.ffn_dim=256")),
+    RouterKind.NOISY_TOPK: (SWITCH, (f"{ROUTER}.kind=noisy_topk", f"{ROUTER}.k=2",
+                                     "model.moe.ffn_dim=256")),
+    # C = ceil(factor * S / E) = 16 slots per expert: 16 * 8 / 128 = one expert per token.
+    RouterKind.EXPERT_CHOICE: (SWITCH, (f"{ROUTER}.kind=expert_choice",
+                                        f"{ROUTER}.capacity_factor_train=1.0",
+                                        f"{ROUTER}.capacity_factor_eval=1.0", *NONCAUSAL)),
+    # p = 16 slots per expert: E * p / S = 8 * 16 / 128 = one expert's FLOPs per token.
+    RouterKind.SOFT: (SWITCH, (f"{ROUTER}.kind=soft", f"{ROUTER}.soft.slots_per_expert=16",
+                               "model.moe.dispatch=einsum", *NONCAUSAL)),
+    RouterKind.SINKHORN: (SWITCH, (f"{ROUTER}.kind=sinkhorn", f"{ROUTER}.k=1", *NONCAUSAL)),
+    RouterKind.HASH: (SWITCH, (f"{ROUTER}.kind=hash",)),
+    RouterKind.RANDOM: (SWITCH, (f"{ROUTER}.kind=random", f"{ROUTER}.k=1")),
+    RouterKind.DEEPSEEK: ("experiments/deepseek_small.py", ()),
+}
+
+
+def _note(kind: RouterKind) -> str:
+  family = REGISTRY[kind]
+  if not (family.causal_train and family.causal_eval):
+    return "non-causal: sees later tokens of its group (allow_noncausal=True)"
+  return ""
+
+
+def get_study() -> Study:
+  available = [kind for kind in RouterKind if kind in REGISTRY]
+  missing = [kind.value for kind in RouterKind if kind not in REGISTRY]
+  runs = [Run("dense", "experiments/dense_small.py")]
+  for kind in available:
+    experiment, overrides = SETTINGS[kind]
+    runs.append(Run(kind.value, experiment, overrides=overrides, note=_note(kind)))
+  description = (
+      "Every router of this build against a dense FFN, on the default corpus at equal active "
+      "FFN FLOPs per token: quality (validation loss), balance (MaxVio), dropped tokens and "
+      "training speed.")
+  if missing:
+    description += f" Not in this build, so not run: {', '.join(missing)}."
+  return Study(
+      description=description,
+      runs=tuple(runs),
+      seeds=(0, 1, 2),
+      metrics=("eval/loss", "eval/perplexity", "eval/moe/*/max_load_violation",
+               "eval/moe/*/dropped_fraction"),
+      plots=("eval/loss", "eval/moe/*/max_load_violation"),
+      curves=("eval/loss",),
+      evaluations=4,
+  )

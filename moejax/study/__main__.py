@@ -1,0 +1,109 @@
+"""`python -m moejax.study NAME`: trains what a study still needs, then writes its report.
+
+    python -m moejax.study NAME [--steps N] [--seeds S ...] [--runs-root runs/studies]
+                                [--write-docs [--docs-dir docs/studies]] [--list] [--retry-failed]
+
+NAME is a study file's stem (`experiments/studies/NAME.py`) or a path to a study file. Runs go to
+RUNS_ROOT/NAME/<run>/seed_<seed> (RUNS_ROOT/NAME-<N>steps/... with --steps, so that a shortened
+study never continues the full one's runs). The report (NAME.md, NAME.json and the PNG figures)
+goes to RUNS_ROOT/NAME/report, and with --write-docs to DOCS_DIR instead (the committed copy).
+The report is written once every run has finished or failed; a stopped study writes nothing.
+
+Exit status: 0 done, or stopped by SIGTERM / Ctrl-C (rerun the same command to resume); 1 some
+runs failed (the report lists them); 2 bad input (the study file, a setting, a workdir made with
+other settings), one line "moejax.study: ..." on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from moejax import lock as lock_lib
+from moejax.study import aggregate, figures, report, runner, spec
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m moejax.study",
+                              description=__doc__.splitlines()[0])
+  p.add_argument("study", help="a study's name (experiments/studies/NAME.py) or a study file")
+  p.add_argument("--steps", type=int, default=None,
+                 help="training steps of every run (default: each experiment's)")
+  p.add_argument("--seeds", type=int, nargs="+", default=None,
+                 help="seeds of every run (default: the study's)")
+  p.add_argument("--runs-root", default="runs/studies", help="runs go to RUNS_ROOT/NAME")
+  p.add_argument("--write-docs", action="store_true",
+                 help="write the report to --docs-dir (the committed copy) instead of the runs")
+  p.add_argument("--docs-dir", default="docs/studies", help="where --write-docs writes")
+  p.add_argument("--list", action="store_true",
+                 help="print every run, seed and its state; train nothing")
+  p.add_argument("--retry-failed", action="store_true",
+                 help="train again the runs whose last attempt failed")
+  return p.parse_args(argv)
+
+
+def command_line(args, name: str) -> str:
+  """The command that makes this report (what the report says it was made by)."""
+  default = spec.STUDIES_DIR / f"{name}.py"
+  given = pathlib.Path(args.study)
+  target = name if (args.study == name or given == default) else args.study
+  parts = ["python -m moejax.study", target]
+  if args.steps is not None:
+    parts.append(f"--steps {args.steps}")
+  if args.seeds is not None:
+    parts.append("--seeds " + " ".join(str(s) for s in args.seeds))
+  return " ".join(parts)
+
+
+def study_dir(args, name: str) -> pathlib.Path:
+  folder = name if args.steps is None else f"{name}-{args.steps}steps"
+  return pathlib.Path(args.runs_root) / folder
+
+
+def list_jobs(jobs) -> None:
+  for job in jobs:
+    print(f"{job.run.name:<24} seed {job.seed:<4} {job.num_steps:>7} steps   "
+          f"{runner.status(job):<9} {job.workdir}")
+
+
+def write_report(name: str, study: spec.Study, jobs, args) -> list[pathlib.Path]:
+  out_dir = pathlib.Path(args.docs_dir) if args.write_docs else study_dir(args, name) / "report"
+  result = aggregate.aggregate(name, study, jobs, command_line(args, name))
+  written = figures.write_figures(result, out_dir)
+  paths = report.write(result, out_dir, written)
+  return paths + [out_dir / file_name for _, file_name in written]
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    name, study = spec.load_study(args.study)
+    directory = study_dir(args, name)
+    jobs = spec.jobs(study, directory, steps=args.steps, seeds=args.seeds)
+    if args.list:
+      list_jobs(jobs)
+      return 0
+    directory.mkdir(parents=True, exist_ok=True)
+    with lock_lib.WorkdirLock(directory):
+      outcome = runner.Runner(jobs, retry_failed=args.retry_failed).run()
+      paths = write_report(name, study, jobs, args)
+  except runner.Stop:
+    print("study: stopped; the running job saved a checkpoint. Rerun the same command to "
+          "resume.", flush=True)
+    return 0
+  except (spec.StudyError, lock_lib.WorkdirLockedError) as error:
+    print(f"moejax.study: {error}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+  print("study: wrote " + ", ".join(str(p) for p in paths), flush=True)
+  if outcome["failed"]:
+    print(f"study: {len(outcome['failed'])} run(s) failed: " +
+          ", ".join(job.label for job in outcome["failed"]), flush=True)
+    return EXIT_FAILED
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,308 @@
+"""Runs a study's jobs one after another, each in its own `python -m moejax.main` process.
+
+What a job's workdir says decides what happens to it:
+
+    finished   metrics.jsonl holds the record of the last step with its evaluation: never rerun,
+               its workdir is not touched
+    resume     checkpoints exist: the trainer resumes from the newest (same command)
+    new        nothing yet
+    failed     an earlier attempt ended with an error (a divergence, a crash); reported, and
+               retried only with `retry_failed` (a deterministic failure would repeat)
+
+A workdir whose saved config.json differs from the job's config in a field a resumed run must
+keep (`moejax.config.check_resume`) stops the study before anything trains: the study file
+changed since the run was made, and the old results must not pass for the new setting.
+
+Each job runs in a subprocess of its own (one at a time: one heavy job per machine), so a crash
+of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner prints one
+progress line: which run of how many is going, and the time left, estimated from the finished
+runs' wall times (seconds per step) and the steps still to train. The runner's own record of a
+job (attempts, wall time, failure) is WORKDIR/study_run.json.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) to the study is forwarded to the running job as SIGTERM,
+which saves a checkpoint and exits; the study then stops, and the same command resumes it. A job
+runs in its own process group (a Ctrl-C at the terminal reaches only the study, which forwards
+it), and on Linux it gets SIGTERM when the study process dies however it dies (SIGKILL
+included), so it saves and ends instead of running on alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from etils import epath
+
+from moejax import config as config_lib
+from moejax import lock as lock_lib
+from moejax import metrics as metrics_lib
+from moejax.study.spec import Job, StudyError
+
+RECORD_FILE = "study_run.json"
+LOG_FILE = "train.log"
+EXIT_USAGE = 2  # moejax.main: bad input
+LOCK_WAIT_S = 600.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """The runner's record of one job (WORKDIR/study_run.json).
+
+  Attributes:
+    wall_seconds: wall time of all its attempts so far (an attempt cut short by a SIGKILL of the
+      study is not counted).
+    attempts: how many times it was started.
+    failed: why its last attempt failed (None: it did not).
+  """
+
+  wall_seconds: float = 0.0
+  attempts: int = 0
+  failed: str | None = None
+
+  @classmethod
+  def read(cls, workdir: epath.Path) -> RunRecord:
+    path = epath.Path(workdir) / RECORD_FILE
+    if not path.exists():
+      return cls()
+    values = json.loads(path.read_text())
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+  def write(self, workdir: epath.Path) -> None:
+    metrics_lib.replace_text(epath.Path(workdir) / RECORD_FILE,
+                             json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def last_step(workdir) -> int:
+  """The last step metrics.jsonl records (0 without any)."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  records = metrics_lib.read_jsonl(path)
+  return records[-1]["step"] if records else 0
+
+
+def latest_checkpoint(workdir) -> int:
+  """The newest checkpoint's step in WORKDIR/checkpoints (0 without any): where a run resumes."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return 0
+  return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=0)
+
+
+def is_finished(job: Job) -> bool:
+  """Whether metrics.jsonl records the job's last step together with its final evaluation."""
+  path = job.workdir / "metrics.jsonl"
+  if not path.exists():
+    return False
+  return any(r["step"] == job.num_steps and "eval/loss" in r
+             for r in metrics_lib.read_jsonl(path))
+
+
+def status(job: Job) -> str:
+  """"finished", "failed", "resume" or "new" (see the module docstring)."""
+  if is_finished(job):
+    return "finished"
+  if RunRecord.read(job.workdir).failed is not None:
+    return "failed"
+  return "resume" if latest_checkpoint(job.workdir) else "new"
+
+
+def check_saved_config(job: Job) -> None:
+  """Raises StudyError when the workdir was made with settings other than the job's."""
+  if not (job.workdir / config_lib.CONFIG_FILE).exists():
+    return
+  try:
+    config_lib.check_resume(job.workdir, job.experiment, resuming=True, write=False)
+  except ValueError as error:
+    raise StudyError(
+        f"run {job.run.name}, seed {job.seed}: its workdir {job.workdir} holds a run with other "
+        f"settings than the study's ({error}). Move that workdir away (or restore the study's "
+        "old setting) and rerun.") from None
+
+
+# ----------------------------------------------------------------------------- subprocess
+
+
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM when the study process dies (Linux); else nothing."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+  except (OSError, AttributeError):
+    return
+
+
+def _reason(log_path: epath.Path, returncode: int) -> str:
+  """One line saying why a job failed: its `moejax:` line, else its output's last line."""
+  try:
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
+             if line.strip()]
+  except OSError:
+    lines = []
+  said = [line for line in lines if line.startswith("moejax:")]
+  if returncode < 0:
+    return f"killed by signal {-returncode}" + (f" ({said[-1]})" if said else "")
+  return said[-1] if said else (lines[-1] if lines else f"exit status {returncode}")
+
+
+class Stop(Exception):
+  """The study was asked to stop (SIGTERM, SIGINT); the running job has saved and ended."""
+
+
+class Runner:
+  """Runs jobs in order with a progress line; see the module docstring."""
+
+  def __init__(self, jobs: Sequence[Job], *, retry_failed: bool = False, stream=None):
+    self.jobs = list(jobs)
+    self.retry_failed = retry_failed
+    self.stream = stream or sys.stdout
+    self._child: subprocess.Popen | None = None
+    self._stop_signal: int | None = None
+
+  # -- signals
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    self._stop_signal = signum
+    if self._child is not None and self._child.poll() is None:
+      self._child.send_signal(signal.SIGTERM)
+
+  def run(self) -> dict[str, list[Job]]:
+    """Trains every job not yet finished. Returns {"finished", "failed"} job lists.
+
+    Raises Stop when a signal stopped the study, StudyError when a job reported bad input.
+    """
+    for job in self.jobs:
+      check_saved_config(job)
+    todo = [job for job in self.jobs if status(job) in ("new", "resume") or
+            (self.retry_failed and status(job) == "failed")]
+    done = len([job for job in self.jobs if status(job) == "finished"])
+    self._say(f"{len(self.jobs)} runs: {done} finished, {len(todo)} to do")
+    previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      for index, job in enumerate(todo, start=1):
+        self._run_job(job, index, todo)
+        if self._stop_signal is not None:
+          raise Stop()
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+    return {"finished": [j for j in self.jobs if status(j) == "finished"],
+            "failed": [j for j in self.jobs if status(j) == "failed"]}
+
+  def _run_job(self, job: Job, index: int, todo: list[Job]) -> None:
+    job.workdir.mkdir(parents=True, exist_ok=True)
+    _wait_for_lock(job, self._say)
+    record = RunRecord.read(job.workdir)
+    record.attempts += 1
+    record.failed = None
+    saved = latest_checkpoint(job.workdir)
+    what = f"resuming from step {saved}" if saved else "new"
+    self._say(f"run {index}/{len(todo)} to do: {job.label} ({what}); "
+              f"{self._time_left(todo, index)}")
+    log_path = job.workdir / LOG_FILE
+    start = time.monotonic()
+    with log_path.open("a") as log:
+      log.write(f"$ {' '.join([sys.executable, *job.argv])}\n")
+      log.flush()
+      self._child = subprocess.Popen([sys.executable, *job.argv], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     process_group=0, preexec_fn=_die_with_parent)
+      if self._stop_signal is not None:  # a signal between the last job and this one
+        self._child.send_signal(signal.SIGTERM)
+      returncode = self._wait(job, index, todo)
+      self._child = None
+    record.wall_seconds += time.monotonic() - start
+    finished = is_finished(job)
+    if not finished and (self._stop_signal is not None or returncode == 0):
+      # Stopped: by the study's signal, or by a SIGTERM sent to the run itself (it saved).
+      self._stop_signal = self._stop_signal or signal.SIGTERM
+    elif not finished and returncode == EXIT_USAGE:
+      record.write(job.workdir)
+      raise StudyError(f"run {job.run.name}, seed {job.seed}: {_reason(log_path, returncode)} "
+                       f"(see {log_path})")
+    elif not finished:
+      record.failed = _reason(log_path, returncode)
+    record.write(job.workdir)
+    if finished:
+      self._say(f"run {index}/{len(todo)} to do: {job.label} finished in "
+                f"{_minutes(record.wall_seconds)}")
+    elif record.failed is not None:
+      self._say(f"run {index}/{len(todo)} to do: {job.label} FAILED: {record.failed} "
+                f"(log: {log_path})")
+
+  def _wait(self, job: Job, index: int, todo: list[Job]) -> int:
+    """Waits for the job's process, refreshing the progress line on a terminal."""
+    interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+    shown = time.monotonic()
+    while True:
+      try:
+        return self._child.wait(timeout=1.0)
+      except subprocess.TimeoutExpired:
+        pass
+      if interactive and time.monotonic() - shown >= 5.0:
+        shown = time.monotonic()
+        step = _safe_last_step(job)
+        self.stream.write(f"\r{job.label}: step {step}/{job.num_steps}; "
+                          f"{self._time_left(todo, index)}\x1b[K")
+        self.stream.flush()
+
+  def _time_left(self, todo: list[Job], index: int) -> str:
+    """The estimated time left: seconds per step of finished runs x steps still to train."""
+    seconds, steps = 0.0, 0
+    for job in self.jobs:
+      if is_finished(job):
+        record = RunRecord.read(job.workdir)
+        if record.wall_seconds > 0:
+          seconds, steps = seconds + record.wall_seconds, steps + job.num_steps
+    if not steps:
+      return "time left: known once a run has finished"
+    remaining = sum(max(job.num_steps - _safe_last_step(job), 0) for job in todo[index - 1:])
+    return f"about {_minutes(seconds / steps * remaining)} left"
+
+  def _say(self, text: str) -> None:
+    prefix = "\r\x1b[K" if hasattr(self.stream, "isatty") and self.stream.isatty() else ""
+    self.stream.write(f"{prefix}study: {text}\n")
+    self.stream.flush()
+
+
+def _safe_last_step(job: Job) -> int:
+  try:
+    return last_step(job.workdir)
+  except (OSError, ValueError):
+    return 0
+
+
+def _minutes(seconds: float) -> str:
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  if seconds < 5400:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+def _wait_for_lock(job: Job, say) -> None:
+  """Waits while another process holds the job's workdir (a run of a killed study, saving)."""
+  deadline = time.monotonic() + LOCK_WAIT_S
+  told = False
+  while True:
+    try:
+      with lock_lib.WorkdirLock(job.workdir):
+        return
+    except lock_lib.WorkdirLockedError as error:
+      if time.monotonic() > deadline:
+        raise StudyError(f"run {job.run.name}, seed {job.seed}: {error}") from None
+      if not told:
+        say(f"{job.label}: waiting for the process that holds {job.workdir} to end")
+        told = True
+      time.sleep(1.0)

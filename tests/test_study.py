@@ -1,0 +1,429 @@
+"""The study runner, `python -m moejax.study`, on tiny studies; and the repository's study files.
+
+Studies run as a user runs them: `python -m moejax.study` in a subprocess, each training job in
+its own `moejax.main` process on one CPU device, with the tiny variants (M=32, L=16, 2 layers) on
+the PTB fixture (tests/fixtures/ptb, found through $MOEJAX_DATA_DIR), a shared compilation
+cache and XLA's unoptimised CPU backend (compilation dominates these runs). The module's tiny
+study (one run x two seeds of 3 steps) is run once and then checked: its report, the
+aggregation against numpy, a rerun that trains nothing, a changed setting that stops the study.
+Killing a study midway and the committed fixture report are slow tests.
+"""
+
+import importlib
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import numpy as np
+import pytest
+
+import study_cells
+from moejax import lock as lock_lib
+from moejax import metrics
+from moejax.data import corpora
+from moejax.model import active_ffn_flops_per_token
+from moejax.routing import REGISTRY, RouterKind
+from moejax.study import Run, Study, StudyError, __main__ as study_main, report, spec
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+STUDY_FILES = sorted(p.stem for p in (REPO / "experiments" / "studies").glob("*.py")
+                     if not p.stem.startswith("_"))
+
+pytestmark = pytest.mark.usefixtures("compile_once", "in_repository")
+
+
+@pytest.fixture(scope="module")
+def in_repository():
+  """Study and experiment files name their paths relative to the repository root."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.chdir(REPO)
+    yield
+
+
+@pytest.fixture(scope="module")
+def ptb_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("ptb")
+  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
+  return str(data_dir)
+
+
+def _study_env(ptb_dir, cache_dir, xla_flags: str) -> dict[str, str]:
+  out = {k: v for k, v in os.environ.items() if not k.startswith("MOEJAX_")}
+  out.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, PYTHONUNBUFFERED="1",
+             MOEJAX_DATA_DIR=ptb_dir, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return out
+
+
+@pytest.fixture(scope="module")
+def env(ptb_dir, compile_once):
+  """A study process's environment: one CPU device, the PTB fixture, the shared compilation
+  cache, and XLA's CPU backend without optimisations, which halves the compilation that
+  dominates these runs (the tests check what the runner does, not the numbers it gets)."""
+  return _study_env(ptb_dir, compile_once, "--xla_backend_optimization_level=0")
+
+
+@pytest.fixture(scope="module")
+def env_as_committed(ptb_dir, tmp_path_factory):
+  """As `env`, with XLA's default optimisations, as the committed fixture report was made."""
+  return _study_env(ptb_dir, tmp_path_factory.mktemp("cache_optimized"), "")
+
+
+def write_study(path: pathlib.Path, *, seeds=(0, 1), steps=3, evaluations=3, overrides=()):
+  """A study file of one run, the tiny switch_small, on the PTB fixture."""
+  settings = ("data.name=ptb", f"train.num_steps={steps}", "train.eval_batches=1", *overrides)
+  path.write_text(textwrap.dedent(f"""\
+      from moejax.study import Run, Study
+
+      def get_study():
+        return Study(description="tiny", runs=(Run("switch", "experiments/switch_small.py:tiny"),),
+                     seeds={tuple(seeds)!r}, overrides={settings!r}, evaluations={evaluations},
+                     metrics=("eval/loss", "eval/perplexity", "eval/moe/*/dropped_fraction"),
+                     plots=("eval/loss",), curves=("eval/loss",))
+      """))
+  return path
+
+
+def run_study(study_file, runs_root, env, *args, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "moejax.study", str(study_file),
+                         "--runs-root", str(runs_root), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def snapshot(folder: pathlib.Path, *, skip=()) -> dict[str, tuple[int, bytes]]:
+  """(mtime in ns, content) of every file under `folder`, except those under `skip`."""
+  out = {}
+  for path in sorted(folder.rglob("*")):
+    if path.is_file() and not any(path.is_relative_to(s) for s in skip):
+      out[str(path.relative_to(folder))] = (path.stat().st_mtime_ns, path.read_bytes())
+  return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, env):
+  """The module's tiny study, one run x seeds 0 and 1, run to the end once."""
+  root = tmp_path_factory.mktemp("pair")
+  study_file = write_study(root / "pair.py")
+  start = time.monotonic()
+  result = run_study(study_file, root / "runs", env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  study_dir = root / "runs" / "pair"
+  return types.SimpleNamespace(
+      file=study_file, root=root, dir=study_dir, report=study_dir / "report", result=result,
+      seconds=time.monotonic() - start,
+      workdirs=[study_dir / "switch" / f"seed_{s}" for s in (0, 1)])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_a_study_trains_every_seed_and_writes_its_report(pair):
+  out = pair.result.stdout
+  assert "study: 2 runs: 0 finished, 2 to do" in out
+  assert "run 1/2 to do: switch seed 0 (new); time left: known once a run has finished" in out
+  assert "run 2/2 to do: switch seed 1 (new); about" in out  # estimated from run 1's wall time
+  for workdir in pair.workdirs:
+    records = metrics.read_jsonl(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and "eval/loss" in records[-1]
+    assert (workdir / "checkpoints" / "3").is_dir()
+  assert sorted(p.name for p in pair.report.iterdir()) == [
+      "pair.json", "pair.md", "pair_eval_loss.png", "pair_eval_loss_curve.png"]
+  for png in pair.report.glob("*.png"):
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  result = json.loads((pair.report / "pair.json").read_text())
+  assert [run["finished_seeds"] for run in result["runs"]] == [[0, 1]]
+  assert result["table_metrics"][-1] == "train/tokens_per_sec_mean"  # tokens/s in every table
+
+
+def test_rerun_of_a_finished_study_trains_nothing_and_writes_the_same_report(pair, env):
+  runs_before = snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock"))
+  report_before = {name: (pair.report / name).read_bytes() for name in ("pair.md", "pair.json")}
+  result = run_study(pair.file, pair.root / "runs", env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "study: 2 runs: 2 finished, 0 to do" in result.stdout
+  assert "to do: switch" not in result.stdout  # no job started
+  # Not a file of the runs changed: checkpoints, metrics, logs, the runner's records.
+  assert snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock")) == runs_before
+  assert any("checkpoints/3/" in name for name in runs_before)
+  for name, content in report_before.items():
+    assert (pair.report / name).read_bytes() == content, name
+
+
+def test_aggregation_equals_a_numpy_recomputation(pair):
+  """Mean, sample std (ddof=1) and n over the seeds, recomputed from the metrics.jsonl files."""
+  result = json.loads((pair.report / "pair.json").read_text())
+  got = result["runs"][0]["metrics"]
+  finals, throughputs, dropped = [], [], []
+  for workdir in pair.workdirs:
+    records = metrics.read_jsonl(workdir / "metrics.jsonl")
+    finals.append(records[-1])
+    rates = np.array([r["train/tokens_per_sec"] for r in records if "train/tokens_per_sec" in r])
+    throughputs.append(rates.size / np.sum(1.0 / rates))  # total tokens / total time
+    dropped.append(np.mean([v for k, v in records[-1].items() if k.startswith("eval/moe/layer_")
+                            and k.endswith("/dropped_fraction")]))
+  columns = {key: [f[key] for f in finals] for key in ("eval/loss", "eval/perplexity",
+                                                       "train/cross_entropy")}
+  columns["train/tokens_per_sec_mean"] = throughputs
+  columns["eval/moe/*/dropped_fraction"] = dropped
+  for key, values in columns.items():
+    values = np.asarray(values, np.float64)
+    assert got[key]["n"] == 2, key
+    assert got[key]["values"] == pytest.approx(values.tolist(), rel=1e-12), key
+    assert got[key]["mean"] == pytest.approx(np.mean(values), rel=1e-12), key
+    assert got[key]["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12), key
+  assert result["std"].startswith("sample standard deviation over seeds (ddof=1)")
+  assert "the sample one (ddof=1)" in (pair.report / "pair.md").read_text()
+
+
+def _check_report(md_text: str, result: dict) -> None:
+  columns, rows = study_cells.table_rows(md_text)
+  assert columns == result["table_metrics"]
+  assert list(rows) == [run["name"] for run in result["runs"]]
+  for run in result["runs"]:
+    for metric, text in zip(columns, rows[run["name"]]):
+      study_cells.assert_cell_matches(text, run["metrics"].get(metric), f"{run['name']} {metric}")
+
+
+def test_the_report_table_agrees_with_the_json(pair):
+  _check_report((pair.report / "pair.md").read_text(),
+                json.loads((pair.report / "pair.json").read_text()))
+
+
+COMMITTED = sorted([*(REPO / "docs" / "studies").glob("*.json"),
+                    *(FIXTURES / "studies").glob("*.json")])
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.relative_to(REPO).as_posix() for p in COMMITTED])
+def test_committed_tables_agree_with_their_json(path):
+  _check_report(path.with_suffix(".md").read_text(), json.loads(path.read_text()))
+
+
+def test_a_changed_setting_of_a_finished_run_stops_the_study(pair, env, tmp_path):
+  changed = write_study(tmp_path / "pair.py", overrides=("model.moe.router.z_loss_weight=0.0",))
+  before = snapshot(pair.dir, skip=(pair.dir / "run.lock",))
+  result = run_study(changed, pair.root / "runs", env)
+  assert result.returncode == 2, result.stdout + result.stderr
+  said = [line for line in result.stderr.splitlines() if line.startswith("moejax.study:")]
+  assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
+  assert "model.moe.router.z_loss_weight" in said[0] and str(pair.workdirs[0]) in said[0]
+  assert snapshot(pair.dir, skip=(pair.dir / "run.lock",)) == before
+
+
+def test_bad_study_input_is_one_line(tmp_path, env):
+  bad = write_study(tmp_path / "bad.py", overrides=("model.moe.router.k=0",))
+  result = run_study(bad, tmp_path / "runs", env)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "moejax.study: run switch: model.moe.router.k=0 is not allowed for "
+      "model.moe.router.kind='switch', which routes each token to exactly 1 expert(s); use "
+      "kind='topk' for other k."]
+  assert not (tmp_path / "runs" / "bad" / "switch").exists()
+
+
+# ----------------------------------------------------------------------------- definitions
+
+
+@pytest.mark.parametrize("make_study, message", [
+    (lambda: Study("d", runs=()), "Study.runs is empty"),
+    (lambda: Study("d", runs=(Run("a", "x.py"), Run("a", "y.py"))), "Run.name='a' is used by 2"),
+    (lambda: Study("d", runs=(Run("a b", "x.py"),)), "Run.name='a b' must be letters"),
+    (lambda: Study("d", runs=(Run("a", "x.py", overrides=("train.seed=3",)),)),
+     "the study sets train.seed from its seeds"),
+    (lambda: Study("d", runs=(Run("a", "x.py", overrides=("num_steps",)),)),
+     "must look like 'group.field=value'"),
+    (lambda: Study("d", runs=(Run("a", "x.py", seeds=(1, 1)),)), "repeats a seed"),
+    (lambda: Study("d", runs=(Run("a", "x.py"),), seeds=()), "non-empty tuple"),
+])
+def test_bad_study_definitions_are_refused(make_study, message):
+  with pytest.raises(StudyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    make_study()
+
+
+def test_unknown_study_and_unknown_field_name_what_exists(tmp_path):
+  with pytest.raises(StudyError, match=r"no file experiments/studies/nope\.py; the studies in "
+                     r"experiments/studies: .*compare"):
+    spec.study_path("nope")
+  study = Study("d", runs=(Run("a", "experiments/switch_small.py:tiny",
+                               overrides=("model.moe.nope=1",)),))
+  with pytest.raises(StudyError, match="run a: override 'model.moe.nope=1': config has no field "
+                     "model.moe.nope"):
+    spec.jobs(study, tmp_path)
+  study = Study("d", runs=(Run("a", "experiments/missing.py"),))
+  with pytest.raises(StudyError, match="experiment file 'experiments/missing.py' does not exist"):
+    spec.jobs(study, tmp_path)
+
+
+def test_jobs_set_seed_steps_and_evaluations(tmp_path):
+  study = Study("d", runs=(Run("a", "experiments/switch_small.py:tiny", seeds=(4,)),
+                           Run("b", "experiments/dense_small.py:tiny")),
+                seeds=(0, 1), evaluations=2)
+  jobs = spec.jobs(study, tmp_path)
+  assert [(j.run.name, j.seed) for j in jobs] == [("a", 4), ("b", 0), ("b", 1)]
+  assert jobs[0].workdir == tmp_path / "a" / "seed_4"
+  assert (jobs[0].experiment.train.seed, jobs[0].experiment.train.eval_every) == (4, 2)
+  assert "--config.train.seed=4" in jobs[0].argv and "--config.train.eval_every=2" in jobs[0].argv
+  assert jobs[0].argv[2] == f"--config={REPO / 'experiments' / 'switch_small.py'}:tiny"
+  jobs = spec.jobs(study, tmp_path, steps=9, seeds=(7,))
+  assert [(j.run.name, j.seed, j.num_steps) for j in jobs] == [("a", 7, 9), ("b", 7, 9)]
+  assert jobs[0].experiment.train.eval_every == 4
+  args = study_main.parse_args(["d", "--steps", "9", "--seeds", "7"])
+  assert study_main.study_dir(args, "d") == pathlib.Path("runs/studies/d-9steps")
+  assert study_main.command_line(args, "d") == "python -m moejax.study d --steps 9 --seeds 7"
+
+
+def test_cells_and_readings():
+  one = {"mean": 4.2, "std": None, "n": 1, "values": [4.2]}
+  assert report.cell("eval/loss", one) == "4.2000 ± — (1)"
+  assert report.cell("eval/loss", None) == "—"
+  assert report.cell("moe/*/dropped_fraction", {"mean": 0.0454, "std": 0.001, "n": 3}) == (
+      "4.54% ± 0.10% (3)")
+  assert report.cell("train/tokens_per_sec_mean", {"mean": 7089.4, "std": 12.0, "n": 3}) == (
+      "7,089 ± 12 (3)")
+  result = {"runs": [
+      {"name": "a", "metrics": {"eval/loss": {"mean": 2.0, "std": 0.1, "n": 4}}},
+      {"name": "b", "metrics": {"eval/loss": {"mean": 1.0, "std": 0.1, "n": 4}}},
+      {"name": "c", "metrics": {}}]}
+  text = report.reading(result, "eval/loss")
+  # |2 - 1| / sqrt(0.1^2 / 4 + 0.1^2 / 4) = 14.1 standard errors.
+  assert text.startswith("eval/loss: lowest for b, 1.0000 ± 0.1000 (4); next a")
+  assert "14.1 standard errors of the difference: larger than the seed-to-seed noise" in text
+  result["runs"][0]["metrics"]["eval/loss"]["mean"] = 1.1  # 0.1 / 0.0707 = 1.4 standard errors
+  assert "1.4 standard errors of the difference: within" in report.reading(result, "eval/loss")
+
+
+# ----------------------------------------------------------------------------- the studies
+
+
+@pytest.fixture(scope="module", params=STUDY_FILES)
+def study_jobs(request, tmp_path_factory):
+  name, study = spec.load_study(request.param)
+  return name, study, spec.jobs(study, tmp_path_factory.mktemp(name))
+
+
+def test_every_study_validates_with_three_seeds_and_documents_its_command(study_jobs):
+  name, study, jobs = study_jobs
+  assert name in ("compare", "routers", "num_experts", "capacity_factor", "precision",
+                  "balancing", "ptb")
+  for run in study.runs:
+    assert len(study.seeds_of(run)) >= 3, (name, run.name)
+  doc = importlib.import_module(f"experiments.studies.{name}").__doc__
+  assert f"python -m moejax.study {name}" in doc
+
+
+def test_every_study_compares_at_equal_active_ffn_flops(study_jobs):
+  name, _, jobs = study_jobs
+  flops = {job.run.name: active_ffn_flops_per_token(job.experiment.model) for job in jobs}
+  assert len(set(flops.values())) == 1, (name, flops)
+
+
+def test_routers_study_runs_every_registered_router():
+  routers = importlib.import_module("experiments.studies.routers")
+  assert set(routers.SETTINGS) == set(RouterKind)  # a new kind needs its equal-FLOPs settings
+  _, study = spec.load_study("routers")
+  assert [run.name for run in study.runs] == ["dense"] + [k.value for k in RouterKind
+                                                          if k in REGISTRY]
+  for run in study.runs[1:]:
+    family = REGISTRY[RouterKind(run.name)]
+    assert ("non-causal" in run.note) == (not (family.causal_train and family.causal_eval))
+  missing = [k.value for k in RouterKind if k not in REGISTRY]
+  assert all(kind in study.description for kind in missing)
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+def _wait_for_records(path: pathlib.Path, count: int, proc, deadline_s=300.0) -> None:
+  deadline = time.monotonic() + deadline_s
+  while time.monotonic() < deadline and proc.poll() is None:
+    if path.exists() and len(metrics.read_jsonl(path)) >= count:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"{path} did not reach {count} records (study status {proc.poll()})")
+
+
+def _wait_until_free(workdir: pathlib.Path, deadline_s=120.0) -> None:
+  deadline = time.monotonic() + deadline_s
+  while time.monotonic() < deadline:
+    try:
+      with lock_lib.WorkdirLock(workdir):
+        return
+    except lock_lib.WorkdirLockedError:
+      time.sleep(0.1)
+  raise AssertionError(f"the run in {workdir} did not end after its study was killed")
+
+
+@pytest.mark.slow  # three tiny runs and a resumed one, each its own process: 1-2 minutes
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_study_killed_midway_resumes_without_rerunning_finished_runs(kill, tmp_path, env):
+  steps = 200
+  study_file = write_study(tmp_path / "trio.py", seeds=(0, 1, 2), steps=steps, evaluations=1,
+                           overrides=("train.checkpoint_every=20",))
+  command = [sys.executable, "-m", "moejax.study", str(study_file), "--runs-root",
+             str(tmp_path / "runs")]
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  workdirs = [tmp_path / "runs" / "trio" / "switch" / f"seed_{s}" for s in (0, 1, 2)]
+  _wait_for_records(workdirs[1] / "metrics.jsonl", 3, proc)  # run 2 of 3 is training
+  proc.send_signal(kill)
+  output, _ = proc.communicate(timeout=180)
+  if kill == signal.SIGTERM:
+    assert proc.returncode == 0 and "study: stopped" in output, output
+  else:
+    assert proc.returncode == -signal.SIGKILL
+    _wait_until_free(workdirs[1])  # the run got SIGTERM when the study died, saved and ended
+  assert "stopped by SIGTERM" in (workdirs[1] / "train.log").read_text()
+  stopped_at = metrics.read_jsonl(workdirs[1] / "metrics.jsonl")[-1]["step"]
+  assert 3 <= stopped_at < steps
+  assert (workdirs[1] / "checkpoints" / str(stopped_at)).is_dir()
+  assert not (workdirs[2] / "metrics.jsonl").exists()
+  finished = snapshot(workdirs[0])
+
+  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert "study: 3 runs: 1 finished, 2 to do" in rerun.stdout
+  assert f"switch seed 1 (resuming from step {stopped_at})" in rerun.stdout
+  assert snapshot(workdirs[0]) == finished  # the finished run was not touched
+  for workdir in workdirs:
+    assert [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")] == list(
+        range(1, steps + 1))
+  result = json.loads((tmp_path / "runs" / "trio" / "report" / "trio.json").read_text())
+  assert result["runs"][0]["finished_seeds"] == [0, 1, 2]
+  assert result["runs"][0]["metrics"]["eval/loss"]["n"] == 3
+
+
+def _close(a, b, path=""):
+  """Equal structure; numbers within rtol 1e-3, timings (tokens/s, wall time) left out."""
+  if isinstance(a, dict):
+    assert sorted(a) == sorted(b), path
+    for key in a:
+      if "tokens_per_sec" not in key and "wall_seconds" not in key:
+        _close(a[key], b[key], f"{path}/{key}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _close(x, y, f"{path}[{i}]")
+  elif isinstance(a, float) and isinstance(b, float):
+    assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-9), (path, a, b)
+  else:
+    assert a == b, (path, a, b)
+
+
+@pytest.mark.slow  # the four runs of the fixture study: about a minute
+def test_the_committed_fixture_is_what_the_tiny_study_writes(tmp_path, env_as_committed):
+  result = run_study("tests/fixtures/studies/tiny.py", tmp_path / "runs", env_as_committed,
+                     "--write-docs",
+                     "--docs-dir", str(tmp_path / "docs"))
+  assert result.returncode == 0, result.stdout + result.stderr
+  fresh = json.loads((tmp_path / "docs" / "tiny.json").read_text())
+  committed = json.loads((FIXTURES / "studies" / "tiny.json").read_text())
+  _close(fresh, committed)
+  assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == sorted(
+      p.name for p in (FIXTURES / "studies").iterdir() if p.suffix != ".py")
