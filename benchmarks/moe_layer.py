@@ -77,20 +77,24 @@ def _moe_step(args, dispatch, expert_loop="auto", config=None, vocab_size=None):
   """A jitted fwd+bwd of the MoE layer: the loss, grads w.r.t. all parameters and the input."""
   config = config or _moe_config(args, dispatch, expert_loop)
   layer = MoeLayer(args.model_dim, config, rngs=nnx.Rngs(0), vocab_size=vocab_size)
-  graphdef, params = nnx.split(layer)
+  graphdef, state = nnx.split(layer)
   token_ids = None
   if vocab_size is not None:
     token_ids = jax.random.randint(jax.random.key(2), (args.tokens // args.group_size,
                                                        args.group_size), 0, vocab_size)
 
-  @jax.jit
-  def step(params, x, dy):
-    def loss(params, x):
-      y, aux = nnx.merge(graphdef, params)(x, train=True, token_ids_BL=token_ids)
-      return jnp.sum(y * dy) + aux.aux_loss
-    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+  def loss(layer, x, dy):
+    y, aux = layer(x, train=True, token_ids_BL=token_ids)
+    return jnp.sum(y * dy) + aux.aux_loss
 
-  return step, params
+  # Gradients w.r.t. the parameters and the input; random streams and router state get none.
+  grad_fn = nnx.value_and_grad(loss, argnums=(0, 1))
+
+  @jax.jit
+  def step(state, x, dy):
+    return grad_fn(nnx.merge(graphdef, state), x, dy)
+
+  return step, state
 
 
 def _dense_step(args):
