@@ -129,7 +129,12 @@ def _typed_from(config, num_devices):
   return config_lib.experiment_config_from(config, num_devices=num_devices, num_processes=1)
 
 
-@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
+# The three compared experiments train a step in `make test`; the router and objective
+# experiments (their layers are tested in tests/test_routing_*.py and tests/test_objective.py) in
+# `make test-all`.
+@pytest.mark.parametrize("name", [*EXPERIMENTS, *(
+    pytest.param(name, marks=pytest.mark.slow) for name in ROUTER_EXPERIMENTS +
+    OBJECTIVE_EXPERIMENTS)])
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)

@@ -353,6 +353,7 @@ def test_einsum_and_index_agree_with_gradients():
 _MESHES = [("index", (2, 4, 1)), ("einsum", (1, 8, 1)), ("index", (1, 4, 2))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch,mesh_shape", _MESHES,
                          ids=[f"{d}-{'x'.join(map(str, m))}" for d, m in _MESHES])
 def test_sharded_matches_single_device(dispatch, mesh_shape):
