@@ -63,4 +63,5 @@ def count_params(params: Any, *, experts_per_token: int) -> ParamCount:
       active += size // num_experts * min(experts_per_token, num_experts)
     else:
       active += size
-  return ParamCount(total=total, embedding=embedding, active=active)
+  # Expert choice and soft MoE apply a fractional number of experts per token on average.
+  return ParamCount(total=total, embedding=embedding, active=round(active))

@@ -17,7 +17,6 @@ Routers that read token ids (hash) get them as an extra argument (`token_ids`); 
 is None and the layer is called exactly as tests/test_moe.py calls it.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -30,23 +29,9 @@ from moejax import sharding
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.routing import RouterConfig, RouterInputs, route
 from test_moe import B, E, F, L, M, S, _all_to_alls, inputs  # noqa: F401  (re-exported)
+from test_routing import Routed  # noqa: F401  (re-exported)
 
 VOCAB = 37  # token ids for routers that read them; a prime, so ids do not line up with E
-
-
-@dataclasses.dataclass(frozen=True)
-class Routed:
-  """A routing decision with its derived tensors, losses and metrics, as numpy arrays."""
-
-  expert_index_GSK: np.ndarray
-  slot_GSK: np.ndarray
-  keep_GSK: np.ndarray
-  weight_GSK: np.ndarray
-  capacity: int
-  dispatch: np.ndarray
-  combine: np.ndarray
-  losses: dict
-  metrics: dict
 
 
 # Tiny programs whose compile time dominates: XLA's backend optimisations are skipped (decisions
