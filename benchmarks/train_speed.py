@@ -11,8 +11,9 @@ mesh its config names (one device by default), then the experiments are timed in
 interleaved rounds of `--steps` steps on synthetic token batches of the configured shape, so that
 load from other processes hits all of them alike; each reports its best round (the least
 disturbed). On a busy machine, raise `--repeats`.
-Prints tokens/s per experiment and each one's ratio to the first (the goal for switch_small over
-dense_small on a 2-core CPU: >= 0.8). No dataset is needed: the vocabulary is `data.vocab_size`.
+Prints tokens/s per experiment, each one's ratio to the first (the goal for switch_small over
+dense_small on a 2-core CPU: >= 0.8), the achieved model TFLOP/s per device and, on devices with
+a known peak, the MFU (moejax/flops.py). No dataset is needed: the vocabulary is `data.vocab_size`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from moejax import config as config_lib  # noqa: E402
-from moejax import sharding, train  # noqa: E402
+from moejax import device_peak, flops, sharding, train  # noqa: E402
 
 
 def _parse_args(argv):
@@ -62,7 +63,8 @@ def _setup(name: str, overrides: list[str]):
     batch = train.device_batch(batch_np, NamedSharding(mesh, spec))
     state, metrics = step_fn(state, batch)  # compiles
     jax.block_until_ready(metrics)
-  return dict(step_fn=step_fn, state=state, batch=batch, tokens=B * L, mesh=mesh)
+  return dict(step_fn=step_fn, state=state, batch=batch, tokens=B * L, mesh=mesh,
+              flops_per_token=flops.train_flops_per_token(model_config, L))
 
 
 def _time_round(run, steps: int) -> float:
@@ -92,12 +94,18 @@ def main(argv=None):
     order.reverse()  # neither experiment always runs first after the other
   best = {name: max(r) for name, r in rates.items()}
   base = args.experiments[0]
+  kind, peak = device_peak.local_peak_flops()
   print(f"\ntraining tokens/s (best of {args.repeats} rounds of {args.steps} steps; "
-        f"{jax.device_count()} x {jax.devices()[0].platform}):")
+        f"{jax.device_count()} x {kind}; MFU against "
+        f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'no known peak'}):")
   for name in runs:
     rounds = " ".join(f"{r / 1e3:.1f}k" for r in rates[name])
+    perf = flops.performance_metrics(runs[name]["flops_per_token"], best[name],
+                                     jax.device_count(), peak)
+    mfu = f"   MFU {100 * perf['perf/mfu']:.1f}%" if "perf/mfu" in perf else ""
     print(f"  {name:<14} {best[name] / 1e3:8.1f}k tok/s   ratio to {base}: "
-          f"{best[name] / best[base]:.3f}   (rounds: {rounds})")
+          f"{best[name] / best[base]:.3f}   TFLOP/s/device {perf['perf/tflops_per_device']:.3g}"
+          f"{mfu}   (rounds: {rounds})")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ class TrainConfig:
     max_checkpoints: how many of the newest checkpoints to keep.
     seed: seeds parameter initialisation and every random stream of training.
     progress: show the progress line on stderr.
+    profile_steps: trace this many training steps with the JAX profiler into
+      WORKDIR/tensorboard (0: none; moejax/profiler.py).
+    profile_start_step: the first traced step (0: the run's second step, the first one after
+      compilation).
   """
 
   PATH: ClassVar[str] = "train"
@@ -68,11 +72,14 @@ class TrainConfig:
   max_checkpoints: int = 3
   seed: int = 0
   progress: bool = True
+  profile_steps: int = 0
+  profile_start_step: int = 0
 
   def __post_init__(self):
     typed_config.check_fields(self)
     minimum = dict(num_steps=1, batch_size=1, log_every=1, eval_every=0, eval_batches=0,
-                   checkpoint_every=0, max_checkpoints=1, seed=0)
+                   checkpoint_every=0, max_checkpoints=1, seed=0, profile_steps=0,
+                   profile_start_step=0)
     for name, low in minimum.items():
       if getattr(self, name) < low:
         raise ConfigError(f"train.{name}", getattr(self, name), f"must be an integer >= {low}.")
@@ -226,7 +233,8 @@ CONFIG_FILE = "config.json"
 # Any other change would silently continue a different experiment from the old state.
 RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.checkpoint_every", "train.max_checkpoints", "train.progress",
+    "train.checkpoint_every", "train.max_checkpoints", "train.progress", "train.profile_steps",
+    "train.profile_start_step",
     "mesh.data", "mesh.expert", "mesh.model", "sharding_rules",
     "data.data_dir", "data.eval_split", "data.read_batch_size", "data.read_threads",
     "data.prefetch_buffer_size",

@@ -237,7 +237,9 @@ def create_writers(workdir: str | os.PathLike, *, process_index: int,
 
 
 class ProgressBar:
-  """One status line on stderr, rewritten in place: `step 120/600 loss 4.812 tok/s 21.3k`.
+  """One status line on stderr, rewritten in place:
+  `step 120/600 loss 4.812 tok/s 21.3k TFLOP/s/device 412 MFU 41.7%` (MFU where the device's
+  peak is known).
 
   When stderr is not a terminal (a log file), each update is a line of its own instead.
   """
@@ -249,12 +251,18 @@ class ProgressBar:
     self._in_place = hasattr(self._stream, "isatty") and self._stream.isatty()
     self._open_line = False
 
-  def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
+  def update(self, step: int, loss: float, tokens_per_sec: float, *,
+             tflops: float | None = None, mfu: float | None = None) -> None:
+    """`tflops`: achieved model TFLOP/s per device; `mfu`: its fraction of the peak."""
     if not self._enabled:
       return
     width = len(str(self._num_steps))
     text = (f"step {step:>{width}}/{self._num_steps} loss {loss:.3f} "
             f"tok/s {format_count(tokens_per_sec)}")
+    if tflops is not None:
+      text += f" TFLOP/s/device {tflops:.3g}"
+    if mfu is not None:
+      text += f" MFU {100 * mfu:.1f}%"
     if self._in_place:
       self._stream.write("\r" + text + "\x1b[K")
       self._open_line = True

@@ -52,6 +52,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 from moejax import sharding, typed_config
 from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
 from moejax.objective import MaskedLmConfig, Objective
+from moejax.remat import Remat
+from moejax import remat as remat_lib
 from moejax.typed_config import ConfigError, parse_enum
 
 RMS_NORM_EPS = 1e-6
@@ -80,6 +82,8 @@ class ModelConfig:
     dropout_rate: residual dropout (after attention and after the FFN), in training only.
     rope_base: base of the rotary position embedding frequencies.
     tie_embeddings: reuse the embedding (V, M) as the output projection.
+    remat: what each block keeps for the backward pass: "none", "full" or "save_matmuls"
+      (moejax/remat.py).
     objective: "causal_lm" (causal attention, next-token loss) or "masked_lm" (bidirectional
       attention, masked-token loss; V includes the mask token). See moejax/objective.py.
     masked_lm: the masked-LM corruption settings; unused (None) under causal_lm.
@@ -101,6 +105,7 @@ class ModelConfig:
   dropout_rate: float = 0.0
   rope_base: float = 10000.0
   tie_embeddings: bool = True
+  remat: Remat = Remat.NONE
   objective: Objective = Objective.CAUSAL_LM
   masked_lm: MaskedLmConfig | None = None
 
@@ -426,8 +431,11 @@ class Transformer(nnx.Module):
         out_sharding=_batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
     allowed_BLT = attention_mask(L, mask_BL, causal=self.config.causal)
     aux_by_layer = {}
+    run_block = remat_lib.wrap(
+        lambda block, x, allowed, mask, inputs: block(x, allowed, mask, train, inputs),
+        self.config.remat)
     for i, block in enumerate(self.blocks):
-      x_BLM, aux = block(x_BLM, allowed_BLT, mask_BL, train, inputs_BL)
+      x_BLM, aux = run_block(block, x_BLM, allowed_BLT, mask_BL, inputs_BL)
       if aux is not None:
         aux_by_layer[f"layer_{i}"] = aux
     x_BLM = self.final_norm(x_BLM)

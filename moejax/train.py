@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import checkpoint as checkpoint_lib
 from moejax import config as config_lib
 from moejax import data as data_lib
-from moejax import divergence
+from moejax import device_peak, divergence, flops
 from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
 from moejax import objective as objective_lib
@@ -55,6 +55,7 @@ from moejax.moe import RouterState
 from moejax.routing import hash_routing
 from moejax.optim import make_optimizer
 from moejax.param_count import count_params
+from moejax.profiler import StepProfiler
 
 Batch = dict[str, jax.Array]
 _STATIC = dict(static=True)
@@ -367,7 +368,10 @@ def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Pat
                                         resume_step=int(jax.device_get(state.step)))
     try:
       result = _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source,
-                     batch_sharding, checkpointer, writer)
+                     batch_sharding, checkpointer, writer,
+                     flops_per_token=flops.train_flops_per_token(model_config,
+                                                                 experiment.data.seq_len),
+                     profile_dir=workdir / "tensorboard")
     finally:
       writer.close()
       checkpointer.close()
@@ -428,7 +432,8 @@ def _with_vocab(model: ModelConfig, vocab_size: int, config) -> ModelConfig:
 
 
 def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_sharding,
-          checkpointer, writer) -> dict[str, float]:
+          checkpointer, writer, *, flops_per_token: float, profile_dir: epath.Path
+          ) -> dict[str, float]:
   """Runs steps state.step + 1 .. num_steps; see `train_and_evaluate`.
 
   Divergence: every step's loss and gradient norm go to a `NonFiniteWatch` on the device, read
@@ -443,13 +448,25 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
     return {**metrics_lib.flatten_metrics({"eval": final}), "eval/step": float(first - 1),
             "step": float(first - 1), "preempted": 0.0, "train/tokens_per_sec_mean": 0.0}
   model_scalars = _report_params(state, experiment)
+  device_kind, peak = device_peak.local_peak_flops()
+  perf = functools.partial(flops.performance_metrics, flops_per_token,
+                           num_devices=jax.device_count(), peak_per_device=peak)
+  model_scalars["model/train_flops_per_token"] = flops_per_token
+  if jax.process_index() == 0:
+    peak_text = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "no peak known: no MFU"
+    print(f"model FLOPs per token (training): {flops_per_token:.4g}; {jax.device_count()} x "
+          f"{device_kind} ({peak_text})", flush=True)
+  profiler = StepProfiler(profile_dir, first_step=first, start_step=cfg.profile_start_step,
+                          steps=cfg.profile_steps if jax.process_index() == 0 else 0)
   bar = metrics_lib.ProgressBar(cfg.num_steps, enabled=cfg.progress and jax.process_index() == 0)
   timer = Throughput()
   watch = divergence.NonFiniteWatch(first, NamedSharding(batch_sharding.mesh, P()))
   result, preempted, step = {}, False, first - 1
   with checkpoint_lib.PreemptionFlag() as flag:
     for step in range(first, cfg.num_steps + 1):
+      profiler.before(step)
       state, metrics = train_fn(state, device_batch(next(train_iter), batch_sharding))
+      profiler.after(step, metrics)
       watch.observe(metrics["train"])
       if step == first:  # compilation: keep it out of the throughput
         jax.block_until_ready(metrics)
@@ -465,7 +482,9 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
         rate = timer.pause()
         if rate is not None:
           scalars["train/tokens_per_sec"] = rate
-        bar.update(step, scalars["train/loss"], rate or 0.0)
+          scalars.update(perf(rate))
+        bar.update(step, scalars["train/loss"], rate or 0.0, mfu=scalars.get("perf/mfu"),
+                   tflops=scalars.get("perf/tflops_per_device"))
       preempted = flag.should_stop()
       evaluates = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.num_steps
       saves = preempted or step == cfg.num_steps or (cfg.checkpoint_every and
@@ -492,10 +511,13 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
       timer.resume()
       if preempted:
         break
+  profiler.close(state)
   bar.close()
   writer.flush()
   result.update({"step": float(step), "preempted": float(preempted),
                  "train/tokens_per_sec_mean": timer.mean})
+  if timer.mean:
+    result.update({f"{name}_mean": value for name, value in perf(timer.mean).items()})
   return result
 
 

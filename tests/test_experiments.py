@@ -18,6 +18,8 @@ ROUTER_EXPERIMENTS = ("deepseek_small", "noisy_topk_small", "random_small",
 # Other objectives at the same active FFN FLOPs per token (masked LM: moejax/objective.py).
 OBJECTIVE_EXPERIMENTS = ("mlm_small",)
 ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS + OBJECTIVE_EXPERIMENTS
+# Sized for accelerators (experiments/accelerator.py): bfloat16, their own meshes.
+ACCELERATOR_EXPERIMENTS = ("dense_base", "switch_base_8", "switch_base_64", "mixtral_small")
 
 
 pytestmark = pytest.mark.usefixtures("compile_once")
@@ -42,7 +44,7 @@ def test_configs_load_and_validate(name, arg):
 
 
 def test_docstrings_give_the_command():
-  for name in ALL_EXPERIMENTS:
+  for name in ALL_EXPERIMENTS + ACCELERATOR_EXPERIMENTS:
     doc = importlib.import_module(f"experiments.{name}").__doc__
     assert f"--config=experiments/{name}.py" in doc, name
 
@@ -132,9 +134,9 @@ def _typed_from(config, num_devices):
 # The three compared experiments train a step in `make test`; the router and objective
 # experiments (their layers are tested in tests/test_routing_*.py and tests/test_objective.py) in
 # `make test-all`.
-@pytest.mark.parametrize("name", [*EXPERIMENTS, *(
+@pytest.mark.parametrize("name", [*EXPERIMENTS, "switch_base_8", *(
     pytest.param(name, marks=pytest.mark.slow) for name in ROUTER_EXPERIMENTS +
-    OBJECTIVE_EXPERIMENTS)])
+    OBJECTIVE_EXPERIMENTS + ("dense_base", "switch_base_64", "mixtral_small"))])
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)
@@ -151,9 +153,31 @@ def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   # Non-causal routers in the causal LM are marked as such in the metrics.
   assert records[0]["model/noncausal_routing"] == float(name in NONCAUSAL_EXPERIMENTS)
   loads = [v for k, v in records[0].items() if k.startswith("moe/layer_1/expert_load/")]
-  if name == "dense_small":
+  if name in ("dense_small", "dense_base"):
     assert loads == [] and result["train/aux_loss"] == 0.0
   else:
     assert len(loads) == _typed(name, "tiny").model.moe.router.num_experts
     np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("name, devices, mesh", [
+    ("dense_base", 1, (1, 1, 1)), ("switch_base_8", 1, (1, 1, 1)),
+    ("switch_base_64", 8, (1, 8, 1)), ("mixtral_small", 32, (4, 8, 1))])
+def test_accelerator_experiments_fit_their_meshes(name, devices, mesh):
+  experiment = _typed(name, num_devices=devices)
+  assert experiment.mesh.resolve(devices) == mesh
+  model = experiment.model
+  assert (model.dtype, model.param_dtype) == ("bfloat16", "float32")
+  # The experts run in the model's bfloat16; the router always in float32 (moejax/moe.py).
+  assert model.moe is None or model.moe.dtype == "bfloat16"
+  assert experiment.data.vocab_size == 32000
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_switch_base_8_spends_dense_base_active_ffn_flops(arg):
+  dense, switch = _typed("dense_base", arg).model, _typed("switch_base_8", arg).model
+  assert active_ffn_flops_per_token(switch) == active_ffn_flops_per_token(dense)
+  if arg is None:  # 12 blocks x 2 matmuls x 2 FLOPs x M=768 x F=3072
+    assert active_ffn_flops_per_token(dense) == 12 * 2 * 2 * 768 * 3072
+    assert switch.moe.router.num_experts == 8 and switch.moe_every == 2
