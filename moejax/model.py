@@ -47,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
 
 from moejax import sharding, typed_config
+from moejax.attention import Attention, AttentionImpl, padding_mask
 from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
 from moejax.objective import MaskedLmConfig, Objective
 from moejax.remat import Remat
@@ -57,8 +57,6 @@ from moejax import remat as remat_lib
 from moejax.typed_config import ConfigError, parse_enum
 
 RMS_NORM_EPS = 1e-6
-# Attention score (float32) at masked positions: exp of it underflows to exactly 0.
-_MASKED_SCORE = -1e30
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -87,6 +85,9 @@ class ModelConfig:
     objective: "causal_lm" (causal attention, next-token loss) or "masked_lm" (bidirectional
       attention, masked-token loss; V includes the mask token). See moejax/objective.py.
     masked_lm: the masked-LM corruption settings; unused (None) under causal_lm.
+    attention_impl: the implementation of `jax.nn.dot_product_attention`: "auto" (JAX
+      chooses; XLA in jax 0.10 and 0.11), "xla", or "cudnn" (fused flash attention on NVIDIA
+      GPUs; needs dtype="bfloat16"). See moejax/attention.py.
   """
 
   PATH: ClassVar[str] = "model"
@@ -108,6 +109,7 @@ class ModelConfig:
   remat: Remat = Remat.NONE
   objective: Objective = Objective.CAUSAL_LM
   masked_lm: MaskedLmConfig | None = None
+  attention_impl: AttentionImpl = AttentionImpl.AUTO
 
   def __post_init__(self):
     typed_config.check_fields(self)
@@ -129,6 +131,10 @@ class ModelConfig:
       fail("dropout_rate", "must be in [0, 1).")
     if not self.rope_base > 1.0:
       fail("rope_base", "must be a number > 1.")
+    if self.attention_impl is AttentionImpl.CUDNN and self.dtype != "bfloat16":
+      fail("attention_impl", f"needs model.dtype='bfloat16' (cuDNN's fused attention takes "
+           f"16-bit inputs; model.dtype={self.dtype!r}); choose 'auto' or 'xla' for "
+           f"{self.dtype}.")
     if self.objective is Objective.MASKED_LM and self.vocab_size < 3:
       fail("vocab_size", "must be >= 3 with model.objective='masked_lm': padding, at least one "
            "token and the mask token.")
@@ -226,53 +232,6 @@ def rms_norm(x_BLM: jax.Array, scale_M: jax.Array, eps: float = RMS_NORM_EPS) ->
   return (x32_BLM * inv_rms_BL1 * scale_M.astype(jnp.float32)).astype(x_BLM.dtype)
 
 
-def apply_rope(x_BLHD: jax.Array, positions_L: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding: rotates the pair (x[i], x[i + D/2]) by angle pos * base^(-2i/D).
-
-  q.k of two rotated vectors then depends on their positions only through the difference.
-  """
-  D = x_BLHD.shape[-1]
-  half = D // 2
-  inv_freq_R = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # R = D/2 rotation pairs
-  angle_LR = positions_L.astype(jnp.float32)[:, None] * inv_freq_R[None, :]
-  cos_1L1R = jnp.cos(angle_LR)[None, :, None, :]
-  sin_1L1R = jnp.sin(angle_LR)[None, :, None, :]
-  x32_BLHD = x_BLHD.astype(jnp.float32)
-  x1_BLHR, x2_BLHR = x32_BLHD[..., :half], x32_BLHD[..., half:]
-  rotated_BLHD = jnp.concatenate(
-      [x1_BLHR * cos_1L1R - x2_BLHR * sin_1L1R, x2_BLHR * cos_1L1R + x1_BLHR * sin_1L1R], axis=-1)
-  return rotated_BLHD.astype(x_BLHD.dtype)
-
-
-def attention_mask(length: int, mask_BL: jax.Array | None, *, causal: bool = True
-                   ) -> jax.Array:
-  """Bool (B or 1, L, T): query l may attend key t iff (t <= l, when causal) and (key t is real
-  or t == l).
-
-  Real queries see only real keys; a padding query sees at least itself, so no row is empty.
-  """
-  if causal:
-    order_LT = jnp.tril(jnp.ones((length, length), jnp.bool_))
-  else:
-    order_LT = jnp.ones((length, length), jnp.bool_)
-  if mask_BL is None:
-    return order_LT[None]
-  self_LT = jnp.eye(length, dtype=jnp.bool_)
-  return order_LT[None] & (mask_BL.astype(jnp.bool_)[:, None, :] | self_LT[None])
-
-
-def _batch_sharded_like(x: jax.Array, ndim: int):
-  """`out_sharding` for a result that keeps x's batch (leading axis) sharding, else None.
-
-  Needed only on meshes with Explicit axes, for einsums that contract an axis split over "model"
-  (heads, F): there the output sharding is ambiguous and must be stated.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AxisType.Explicit not in mesh.axis_types:
-    return None
-  return P(jax.typeof(x).sharding.spec[0], *([None] * (ndim - 1)))
-
-
 # ----------------------------------------------------------------------------- modules
 
 
@@ -283,44 +242,6 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x_BLM: jax.Array) -> jax.Array:
     return rms_norm(x_BLM, self.scale[...])
-
-
-class Attention(nnx.Module):
-  """Multi-head self-attention with RoPE, over the keys `allowed_BLT` permits (causal or
-  bidirectional); scores and softmax in float32."""
-
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    M, H, D = config.model_dim, config.num_heads, config.head_dim
-    pdt = parse_dtype("model.param_dtype", config.param_dtype)
-    self.dtype = parse_dtype("model.dtype", config.dtype)
-    self.rope_base = config.rope_base
-    init_in = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                                   out_axis=(1, 2))
-    init_out = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                    in_axis=(0, 1), out_axis=2)
-    qkv_axes = ("embed", "heads", "kv")
-    self.wq = sharding.param(init_in(rngs.params(), (M, H, D), pdt), qkv_axes)
-    self.wk = sharding.param(init_in(rngs.params(), (M, H, D), pdt), qkv_axes)
-    self.wv = sharding.param(init_in(rngs.params(), (M, H, D), pdt), qkv_axes)
-    self.wo = sharding.param(init_out(rngs.params(), (H, D, M), pdt), ("heads", "kv", "embed"))
-
-  def __call__(self, x_BLM: jax.Array, allowed_BLT: jax.Array) -> jax.Array:
-    B, L, M = x_BLM.shape
-    dt = self.dtype
-    q_BLHD = jnp.einsum("BLM,MHD->BLHD", x_BLM, self.wq[...].astype(dt))
-    k_BTHD = jnp.einsum("BLM,MHD->BLHD", x_BLM, self.wk[...].astype(dt))
-    v_BTHD = jnp.einsum("BLM,MHD->BLHD", x_BLM, self.wv[...].astype(dt))
-    positions_L = jnp.arange(L, dtype=jnp.int32)
-    q_BLHD = apply_rope(q_BLHD, positions_L, self.rope_base)
-    k_BTHD = apply_rope(k_BTHD, positions_L, self.rope_base)
-    scores_BHLT = jnp.einsum("BLHD,BTHD->BHLT", q_BLHD, k_BTHD,
-                             preferred_element_type=jnp.float32)
-    scores_BHLT = scores_BHLT * (q_BLHD.shape[-1] ** -0.5)
-    scores_BHLT = jnp.where(allowed_BLT[:, None, :, :], scores_BHLT, _MASKED_SCORE)
-    probs_BHLT = jax.nn.softmax(scores_BHLT, axis=-1).astype(dt)
-    out_BLHD = jnp.einsum("BHLT,BTHD->BLHD", probs_BHLT, v_BTHD)
-    return jnp.einsum("BLHD,HDM->BLM", out_BLHD, self.wo[...].astype(dt),
-                      out_sharding=_batch_sharded_like(x_BLM, 3))
 
 
 class DenseFfn(nnx.Module):
@@ -350,7 +271,7 @@ class DenseFfn(nnx.Module):
       gate_BLF = jnp.einsum("BLM,MF->BLF", x_BLM, self.wg[...].astype(dt))
       h_BLF = jax.nn.silu(gate_BLF) * h_BLF
     return jnp.einsum("BLF,FM->BLM", h_BLF, self.wo[...].astype(dt),
-                      out_sharding=_batch_sharded_like(x_BLM, 3))
+                      out_sharding=sharding.batch_sharded_like(x_BLM, 3))
 
 
 class Block(nnx.Module):
@@ -370,11 +291,11 @@ class Block(nnx.Module):
     rate = config.dropout_rate
     self.dropout = nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
 
-  def __call__(self, x_BLM: jax.Array, allowed_BLT: jax.Array, mask_BL: jax.Array | None,
+  def __call__(self, x_BLM: jax.Array, padding_B1LT: jax.Array | None, mask_BL: jax.Array | None,
                train: bool, inputs_BL: jax.Array | None = None
                ) -> tuple[jax.Array, MoeAux | None]:
     with jax.named_scope("attention"):
-      y_BLM = self.attention(self.attention_norm(x_BLM), allowed_BLT)
+      y_BLM = self.attention(self.attention_norm(x_BLM), padding_B1LT)
       x_BLM = x_BLM + self.dropout(y_BLM, deterministic=not train)
     aux = None
     h_BLM = self.ffn_norm(x_BLM)
@@ -428,14 +349,14 @@ class Transformer(nnx.Module):
     """
     B, L = inputs_BL.shape
     x_BLM = self.embed[...].at[inputs_BL].get(
-        out_sharding=_batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
-    allowed_BLT = attention_mask(L, mask_BL, causal=self.config.causal)
+        out_sharding=sharding.batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
+    padding_B1LT = padding_mask(L, mask_BL)
     aux_by_layer = {}
     run_block = remat_lib.wrap(
-        lambda block, x, allowed, mask, inputs: block(x, allowed, mask, train, inputs),
+        lambda block, x, padding, mask, inputs: block(x, padding, mask, train, inputs),
         self.config.remat)
     for i, block in enumerate(self.blocks):
-      x_BLM, aux = run_block(block, x_BLM, allowed_BLT, mask_BL, inputs_BL)
+      x_BLM, aux = run_block(block, x_BLM, padding_B1LT, mask_BL, inputs_BL)
       if aux is not None:
         aux_by_layer[f"layer_{i}"] = aux
     x_BLM = self.final_norm(x_BLM)

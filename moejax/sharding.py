@@ -140,3 +140,15 @@ def mesh_axis_size(mesh, axis: str) -> int:
   if mesh is None or mesh.empty or axis not in mesh.axis_names:
     return 1
   return dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
+
+
+def batch_sharded_like(x: jax.Array, ndim: int):
+  """`out_sharding` for a result that keeps x's batch (leading axis) sharding, else None.
+
+  Needed only on meshes with Explicit axes, for einsums that contract an axis split over "model"
+  (heads, F): there the output sharding is ambiguous and must be stated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  return P(jax.typeof(x).sharding.spec[0], *([None] * (ndim - 1)))

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax import attention as attention_lib
 from moejax import model as model_lib
 from moejax import sharding
 from moejax.model import ModelAux, ModelConfig, Transformer
@@ -67,7 +68,7 @@ def test_rope_matches_numpy_rotation_and_depends_on_relative_position():
   q_D = rng.normal(size=D).astype(np.float32)
   k_D = rng.normal(size=D).astype(np.float32)
   positions = np.array([0, 1, 3, 7, 12])
-  rope = lambda v, pos: np.asarray(model_lib.apply_rope(
+  rope = lambda v, pos: np.asarray(attention_lib.apply_rope(
       jnp.broadcast_to(jnp.asarray(v), (1, len(pos), 1, D)), jnp.asarray(pos), base))[0, :, 0]
   np.testing.assert_allclose(rope(q_D, positions), _numpy_rope(np.tile(q_D, (5, 1)), positions,
                                                                base), rtol=1e-5, atol=1e-5)
@@ -81,9 +82,9 @@ def test_rope_matches_numpy_rotation_and_depends_on_relative_position():
 
 def test_attention_mask_is_causal_and_excludes_padding_keys():
   mask_BL = jnp.array([[False, True, True]])
-  allowed = np.asarray(model_lib.attention_mask(3, mask_BL))[0]
+  allowed = np.asarray(attention_lib.attention_mask(3, mask_BL))[0]
   np.testing.assert_array_equal(allowed, [[1, 0, 0], [0, 1, 0], [0, 1, 1]])
-  np.testing.assert_array_equal(np.asarray(model_lib.attention_mask(3, None))[0],
+  np.testing.assert_array_equal(np.asarray(attention_lib.attention_mask(3, None))[0],
                                 np.tril(np.ones((3, 3))))
 
 

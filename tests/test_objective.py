@@ -17,10 +17,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import mlm_small, switch_small
+from moejax import attention as attention_lib
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import metrics, sharding, train
-from moejax import model as model_lib
 from moejax import routing
 from moejax.model import ModelConfig, Transformer
 from moejax.moe import MoeConfig
@@ -103,11 +103,11 @@ def test_masked_lm_vocabulary_has_the_mask_token_row(ptb_dir):
 
 def test_bidirectional_attention_mask_excludes_only_padding_keys():
   mask_BL = jnp.array([[False, True, True]])
-  allowed = np.asarray(model_lib.attention_mask(3, mask_BL, causal=False))[0]
+  allowed = np.asarray(attention_lib.attention_mask(3, mask_BL, causal=False))[0]
   # The padding query 0 sees the real keys and itself; the real queries see the real keys.
   np.testing.assert_array_equal(allowed, [[1, 1, 1], [0, 1, 1], [0, 1, 1]])
-  np.testing.assert_array_equal(np.asarray(model_lib.attention_mask(3, None, causal=False))[0],
-                                np.ones((3, 3)))
+  np.testing.assert_array_equal(
+      np.asarray(attention_lib.attention_mask(3, None, causal=False))[0], np.ones((3, 3)))
 
 
 def _tiny_model(objective, moe_every):
