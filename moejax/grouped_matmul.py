@@ -59,15 +59,18 @@ AUTO_IMPL = {
 _announced: set[tuple[str, GroupedMatmulImpl]] = set()
 
 
-def resolve_impl(impl: GroupedMatmulImpl, platform: str | None = None) -> GroupedMatmulImpl:
+def resolve_impl(impl: GroupedMatmulImpl | str,
+                 platform: str | None = None) -> GroupedMatmulImpl:
   """The implementation `impl` stands for on `platform` (default: JAX's default backend).
 
   The first resolution of each (platform, implementation) in a process is logged, so a run's log
   says which grouped matmul its experts ran.
   """
+  impl = GroupedMatmulImpl(impl)
   platform = platform or jax.default_backend()
-  chosen = AUTO_IMPL.get(platform, GroupedMatmulImpl.PORTABLE) if impl is GroupedMatmulImpl.AUTO \
-      else impl
+  chosen = impl
+  if impl is GroupedMatmulImpl.AUTO:
+    chosen = AUTO_IMPL.get(platform, GroupedMatmulImpl.PORTABLE)
   if (platform, chosen) not in _announced:
     _announced.add((platform, chosen))
     logging.info("moejax grouped matmul on %s: %s (model.moe.grouped_matmul=%s)", platform,
@@ -76,7 +79,8 @@ def resolve_impl(impl: GroupedMatmulImpl, platform: str | None = None) -> Groupe
 
 
 def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, *,
-                   impl: GroupedMatmulImpl = GroupedMatmulImpl.AUTO, tile: int = 128) -> jax.Array:
+                   impl: GroupedMatmulImpl | str = GroupedMatmulImpl.AUTO,
+                   tile: int = 128) -> jax.Array:
   """y[r] = x[r] @ w[e] for the rows r of segment e; zeros past the last segment (module doc).
 
   Args:
