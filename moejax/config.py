@@ -231,6 +231,7 @@ RESUMABLE_FIELDS = (
     "data.data_dir", "data.eval_split", "data.read_batch_size", "data.read_threads",
     "data.prefetch_buffer_size",
     "model.moe.dispatch", "model.moe.expert_loop", "model.moe.router.capacity_factor_eval",
+    "model.moe.grouped_matmul", "model.moe.grouped_matmul_tile", "model.moe.exchange",
 )
 
 

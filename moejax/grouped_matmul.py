@@ -10,12 +10,14 @@ dropless.py): the token copies sorted by expert, no capacity, no empty slots.
 
 Two implementations with the same numbers up to float rounding (`GroupedMatmulImpl`):
 
-* PORTABLE, plain XLA for every backend: each segment is covered by row tiles of `tile` rows, one
-  2-D matmul per tile, in a loop over the segment's tiles (a while loop whose trip count is the
-  segment's number of tiles), one loop per group, issued in group order. A segment's last tile
-  reaches past its end into the next segments; the rows it computes there are overwritten by
-  their own group's tiles, which run later. So the work is that of padding every segment to a
-  multiple of `tile` (at most E * (tile - 1) extra rows), without materialising a padded copy.
+* PORTABLE, plain XLA for every backend: each segment is covered by row tiles, one 2-D matmul per
+  tile, in loops over the segment's tiles (while loops whose trip counts are computed from the
+  segment's size), issued group after group. Most rows go through tiles of 8 * `tile` rows, the
+  rest through at most one tile of 4 * `tile`, one of 2 * `tile` and two of `tile` rows, so the
+  matmuls stay large. A segment's last tile reaches past its end into the next segments; the
+  rows it computes there are overwritten by their own group's tiles, which run later. So the work
+  is that of padding every segment to a multiple of `tile` (at most E * (tile - 1) extra rows),
+  without materialising a padded copy.
   Its custom VJP is again grouped: dx through the same tile loop with the transposed weights,
   dW[e] accumulated (in float32) over segment e's tiles, each as x_tile^T @ dy_tile with x_tile's
   transpose materialised, the layout trick the index path's experts use on CPU (moejax/
@@ -100,12 +102,36 @@ def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, 
 # ----------------------------------------------------------------------------- portable
 
 
-def _segments(group_sizes_E, tile):
-  """Each segment's first row, its end and its number of tiles (int32, (E,))."""
+# Besides `tile`, the portable loop uses tiles of tile * 2**j rows for j up to this, so that most
+# of a segment runs as large matmuls while the padding stays below `tile` rows per segment.
+_DOUBLINGS = 3
+
+
+def _pieces(start, size, tile: int, num_rows: int):
+  """How the portable loop covers rows [start, start + size): [(tile rows, first row, count)].
+
+  count tiles of tile * 8 rows, then (binary digits of the rest) at most one tile of tile * 4 and
+  one of tile * 2 rows, then ceil(rest / tile) <= 2 tiles of `tile` rows, the last of which may
+  reach past the segment's end. Tile sizes larger than the `num_rows` rows are left out (their
+  count would be 0).
+  """
+  pieces, offset = [], start
+  for j in range(_DOUBLINGS, 0, -1):
+    rows = tile << j
+    if rows > num_rows:
+      continue
+    count = size // rows if j == _DOUBLINGS else (size // rows) % 2
+    pieces.append((rows, offset, count))
+    offset = offset + count * rows
+  rest = start + size - offset
+  pieces.append((tile, offset, (rest + tile - 1) // tile))
+  return pieces
+
+
+def _segments(group_sizes_E):
+  """Each segment's first row and its end (int32, (E,))."""
   ends_E = jnp.cumsum(group_sizes_E)
-  starts_E = ends_E - group_sizes_E
-  tiles_E = (group_sizes_E + tile - 1) // tile
-  return starts_E, ends_E, tiles_E
+  return ends_E - group_sizes_E, ends_E
 
 
 def _pad_rows(a_RX, tile):
@@ -117,7 +143,7 @@ def _tile_loop(x_RM, w_EMN, group_sizes_E, tile: int, *, transposed: bool):
   """The tiled grouped matmul: x @ w[e] per segment (x @ w[e]^T with `transposed`)."""
   R = x_RM.shape[0]
   E = w_EMN.shape[0]
-  starts_E, ends_E, tiles_E = _segments(group_sizes_E, tile)
+  starts_E, ends_E = _segments(group_sizes_E)
   x_pad = _pad_rows(x_RM, tile)
   out_col = (lambda w: w[:, 0]) if transposed else (lambda w: w[0, :])
   # Zeros varying over the mesh axes of x and w alike (the loop carry's type inside shard_map).
@@ -125,38 +151,43 @@ def _tile_loop(x_RM, w_EMN, group_sizes_E, tile: int, *, transposed: bool):
   y_RN = y_RN.astype(jnp.result_type(x_RM.dtype, w_EMN.dtype))
   for e in range(E):
     w_MN = w_EMN[e]
+    for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-    def body(i, y_RN, e=e, w_MN=w_MN):
-      r0 = starts_E[e] + i * tile
-      x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile, axis=0)
-      y_tN = x_tM @ w_MN.T if transposed else x_tM @ w_MN
-      return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN.astype(y_RN.dtype), r0, axis=0)
+      def body(i, y_RN, w_MN=w_MN, rows=rows, first=first):
+        r0 = first + i * rows
+        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
+        y_tN = x_tM @ w_MN.T if transposed else x_tM @ w_MN
+        return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN.astype(y_RN.dtype), r0, axis=0)
 
-    y_RN = jax.lax.fori_loop(0, tiles_E[e], body, y_RN)
+      y_RN = jax.lax.fori_loop(0, count, body, y_RN)
   inside_R = jnp.arange(R) < ends_E[-1]
   return jnp.where(inside_R[:, None], y_RN[:R], jnp.zeros_like(y_RN[:R]))
 
 
 def _weight_grad(x_RM, dy_RN, group_sizes_E, tile: int, num_groups: int, dtype):
   """dW[e] = x[seg e]^T @ dy[seg e], accumulated in float32 over segment e's tiles."""
-  starts_E, ends_E, tiles_E = _segments(group_sizes_E, tile)
+  R = x_RM.shape[0]
+  starts_E, ends_E = _segments(group_sizes_E)
   x_pad, dy_pad = _pad_rows(x_RM, tile), _pad_rows(dy_RN, tile)
-  rows_t = jnp.arange(tile)
   zero_MN = (jnp.zeros_like(x_pad[0, :], jnp.float32)[:, None] +
              jnp.zeros_like(dy_pad[0, :], jnp.float32)[None, :])
   dws = []
   for e in range(num_groups):
+    dw_MN = zero_MN
+    for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-    def body(i, dw_MN, e=e):
-      r0 = starts_E[e] + i * tile
-      x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile, axis=0)
-      dy_tN = jax.lax.dynamic_slice_in_dim(dy_pad, r0, tile, axis=0)
-      # The last tile reaches into the next segments: their rows take no part in dW[e].
-      x_tM = jnp.where((r0 + rows_t < ends_E[e])[:, None], x_tM, jnp.zeros_like(x_tM))
-      x_Mt = materialized_transpose(x_tM)
-      return dw_MN + jnp.matmul(x_Mt, dy_tN, preferred_element_type=jnp.float32)
+      def body(i, dw_MN, e=e, rows=rows, first=first):
+        r0 = first + i * rows
+        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
+        dy_tN = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows, axis=0)
+        # The last tile reaches into the next segments: their rows take no part in dW[e].
+        inside_t = r0 + jnp.arange(rows) < ends_E[e]
+        x_tM = jnp.where(inside_t[:, None], x_tM, jnp.zeros_like(x_tM))
+        x_Mt = materialized_transpose(x_tM)
+        return dw_MN + jnp.matmul(x_Mt, dy_tN, preferred_element_type=jnp.float32)
 
-    dws.append(jax.lax.fori_loop(0, tiles_E[e], body, zero_MN))
+      dw_MN = jax.lax.fori_loop(0, count, body, dw_MN)
+    dws.append(dw_MN)
   return jnp.stack(dws).astype(dtype)
 
 

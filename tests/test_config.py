@@ -47,7 +47,8 @@ SPECIAL = {
     "model.moe.router.kind": "gshard",
     "model.vocab_size": 600, "model.head_dim": 18, "model.moe_every": 1, "model.moe.router.k": 3,
     "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.moe.dtype": "bfloat16",
-    "model.moe.group_size": 8, "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
+    "model.moe.group_size": 8, "model.moe.exchange_buffer_factor": 2.0,
+    "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
     "data.name": "ptb", "data.data_dir": "/tmp/moejax-data", "data.text_key": "content",
     "data.train_split": "train2", "data.eval_split": "test", "data.tokenizer": "word",
     "data.sentencepiece_model_type": "unigram", "data.process_sharding": "documents",
@@ -60,6 +61,9 @@ SPECIAL = {
 _ROUTER = "model.moe.router."
 CONTEXT = {
     "model.masked_lm.": {"model.objective": "masked_lm"},
+    # Settings only dropless experts read.
+    "model.moe.grouped_matmul": {"model.moe.dispatch": "dropless"},
+    "model.moe.exchange": {"model.moe.dispatch": "dropless"},
     _ROUTER + "k": {_ROUTER + "kind": "topk"},
     _ROUTER + "normalize_weights": {_ROUTER + "kind": "topk", _ROUTER + "k": 2},
     _ROUTER + "second_expert_": {_ROUTER + "kind": "gshard"},
