@@ -239,8 +239,12 @@ RESUMABLE_FIELDS = (
     "data.data_dir", "data.eval_split", "data.read_batch_size", "data.read_threads",
     "data.prefetch_buffer_size",
     "model.moe.dispatch", "model.moe.expert_loop", "model.moe.router.capacity_factor_eval",
+    "model.moe.grouped_matmul", "model.moe.grouped_matmul_tile", "model.moe.exchange",
 )
 
+# Fields that may change on resume only between these values: einsum and index dispatch compute
+# the same numbers; dropless does not (it drops nothing where the capacity forms drop tokens).
+RESUMABLE_VALUES = {"model.moe.dispatch": {"einsum", "index"}}
 
 def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
                  write: bool = True) -> list[tuple[str, Any, Any]]:
@@ -261,7 +265,8 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
     defaults = json.loads(json.dumps(typed_config.as_plain(default_config().to_dict())))
     changes = [(field, before, after) for field, before, after in changes
                if not (before == typed_config.MISSING and after == _at(defaults, field))]
-    refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS]
+    refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS or not (
+        {c[1], c[2]} <= RESUMABLE_VALUES.get(c[0], {c[1], c[2]}))]
     if refused:
       listed = "; ".join(f"{field}: {before!r} -> {after!r}" for field, before, after in refused)
       raise ConfigError(

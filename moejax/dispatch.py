@@ -14,7 +14,7 @@ flattened rows,
   src_EGC   : assignment (g*S*K + s*K + k) that fills each buffer row (sentinel G*S*K: empty)
 and moves rows with gathers only. Because kept assignments and filled slots are in one-to-one
 correspondence, the transpose of each gather is again a gather through the other map
-(`_gather_rows` has a custom VJP), so neither the forward nor the backward pass scatters M-wide rows.
+(`gather_rows` has a custom VJP), so neither the forward nor the backward pass scatters M-wide rows.
 
 Non-finite values: a token that reaches no expert (padding, dropped, or not routed because it
 holds NaN/inf) may hold anything, and so may the cotangent of its output; neither form lets it
@@ -40,6 +40,7 @@ from moejax.typed_config import ConfigError
 class DispatchKind(enum.Enum):
   EINSUM = "einsum"
   INDEX = "index"
+  DROPLESS = "dropless"  # no capacity: sort by expert, grouped matmul (moejax/dropless.py)
 
 
 class Dispatcher(Protocol):
@@ -112,20 +113,20 @@ class IndexDispatcher:
     # Buffer row r takes token src_EGC[r] // K; the backward sums each token's K buffer rows.
     token_EGC = jnp.where(self.src_EGC < G * S * K, self.src_EGC // K, G * S)
     x_TM = x_GSM.reshape(G * S, M)
-    out = _gather_rows(x_TM, token_EGC, self.dest_GSK.reshape(G * S, K))
+    out = gather_rows(x_TM, token_EGC, self.dest_GSK.reshape(G * S, K))
     return out.reshape(E, G, C, M)
 
   def combine(self, y_EGCM: jax.Array) -> jax.Array:
     G, S, K, E, C = self.shape
     M = y_EGCM.shape[-1]
     y_RM = y_EGCM.reshape(E * G * C, M)
-    rows_GSKM = _gather_rows(y_RM, self.dest_GSK.reshape(-1), self.src_EGC[:, None])
+    rows_GSKM = gather_rows(y_RM, self.dest_GSK.reshape(-1), self.src_EGC[:, None])
     rows_GSKM = rows_GSKM.reshape(G, S, K, M)
     return jnp.einsum("GSKM,GSK->GSM", rows_GSKM, self.weight_GSK.astype(y_EGCM.dtype))
 
 
 @jax.custom_vjp
-def _gather_rows(table_NM: jax.Array, index_P: jax.Array, inverse_NR: jax.Array) -> jax.Array:
+def gather_rows(table_NM: jax.Array, index_P: jax.Array, inverse_NR: jax.Array) -> jax.Array:
   """out[p] = table[index[p]], zero where index[p] == N.
 
   `inverse_NR` lists, for each table row n, the output rows p with index[p] == n (padded with the
@@ -135,7 +136,7 @@ def _gather_rows(table_NM: jax.Array, index_P: jax.Array, inverse_NR: jax.Array)
 
 
 def _gather_rows_fwd(table_NM, index_P, inverse_NR):
-  return _gather_rows(table_NM, index_P, inverse_NR), (index_P, inverse_NR)
+  return gather_rows(table_NM, index_P, inverse_NR), (index_P, inverse_NR)
 
 
 def _gather_rows_bwd(residuals, d_out_PM):
@@ -144,7 +145,7 @@ def _gather_rows_bwd(residuals, d_out_PM):
   return jnp.sum(d_rows_NRM, axis=1), None, None
 
 
-_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def make_dispatcher(kind: DispatchKind, decision: RoutingDecision) -> Dispatcher:
@@ -152,4 +153,5 @@ def make_dispatcher(kind: DispatchKind, decision: RoutingDecision) -> Dispatcher
     return EinsumDispatcher(decision)
   if kind is DispatchKind.INDEX:
     return IndexDispatcher(decision)
-  raise ValueError(f"dispatch={kind!r} is not allowed; choose one of 'einsum', 'index'.")
+  raise ValueError(f"dispatch={kind!r} has no capacity buffers; make_dispatcher executes "
+                   "'einsum' and 'index' (dropless experts: moejax/dropless.py).")

@@ -48,7 +48,7 @@ def _project_in_fwd(x_RM, w_MF):
   return x_RM @ w_MF, (x_RM, w_MF)
 
 
-def _materialized_transpose(x_RM):
+def materialized_transpose(x_RM):
   """x^T as a real (small) copy, so that dW = x^T @ g is a row-major matmul on CPU.
 
   The barrier keeps XLA from folding the transpose into the dot, which would bring back the dot
@@ -59,12 +59,12 @@ def _materialized_transpose(x_RM):
 
 def _project_in_bwd(residuals, g_RF):
   x_RM, w_MF = residuals
-  x_MR = _materialized_transpose(x_RM)
+  x_MR = materialized_transpose(x_RM)
   dx_RM = jnp.einsum("RF,MF->RM", g_RF, w_MF)
-  return _sum_to_varying_axes_of(x_RM, dx_RM), _sum_to_varying_axes_of(w_MF, x_MR @ g_RF)
+  return sum_to_varying_axes_of(x_RM, dx_RM), sum_to_varying_axes_of(w_MF, x_MR @ g_RF)
 
 
-def _sum_to_varying_axes_of(primal, cotangent):
+def sum_to_varying_axes_of(primal, cotangent):
   """Inside shard_map, sums a cotangent over the mesh axes its primal does not vary along.
 
   What autodiff does by itself when it transposes the implicit broadcast of an operand (x is
@@ -172,7 +172,7 @@ def _experts_in_sequence_bwd(activation, dropout_rate, residuals, dy_EGCM):
                                dropout_rate=dropout_rate)
     a_RF, hidden_vjp = jax.vjp(hidden, hs[e], gates[e])
     dh_RF, dgate_RF = hidden_vjp(jnp.einsum("RM,FM->RF", dy_RM, wo_EFM[e]))
-    x_MR = _materialized_transpose(x_RM)
+    x_MR = materialized_transpose(x_RM)
     dwi_MF = x_MR @ dh_RF
     dwg_MF = None if wg_EMF is None else x_MR @ dgate_RF
     done = (dwi_MF,) if dwg_MF is None else (dwi_MF, dwg_MF)
@@ -189,7 +189,7 @@ def _experts_in_sequence_bwd(activation, dropout_rate, residuals, dy_EGCM):
   dx_EGCM = jnp.stack(dxs).reshape(x_EGCM.shape)
   grads = (dx_EGCM, jnp.stack(dwis), jnp.stack(dwos), jnp.stack(dwgs) if dwgs else None)
   primals = (x_EGCM, wi_EMF, wo_EFM, wg_EMF)
-  grads = tuple(None if g is None else _sum_to_varying_axes_of(p, g)
+  grads = tuple(None if g is None else sum_to_varying_axes_of(p, g)
                 for p, g in zip(primals, grads))
   return grads + (None,)
 

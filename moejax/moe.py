@@ -32,17 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import routing, sharding, typed_config
+from moejax import dropless, routing, sharding, typed_config
 from moejax.activation import Activation
 from moejax.dispatch import DispatchKind, make_dispatcher
+from moejax.dropless import ExchangeKind
 from moejax.experts import ExpertLoop, expert_ffn
+from moejax.grouped_matmul import GroupedMatmulImpl
 from moejax.routing import RouterConfig, RouterInputs, route
 from moejax.shared_experts import SharedExperts
 from moejax.typed_config import ConfigError
@@ -67,8 +70,10 @@ class MoeConfig:
     router: the router settings (number of experts, k, capacity, losses).
     ffn_dim: F, the hidden width of each expert.
     group_size: S, tokens per routing group; must divide the tokens on each device.
-    dispatch: `DispatchKind.INDEX` (gathers) or `DispatchKind.EINSUM` (one-hot tensors); a
-      router with dense dispatch weights (soft MoE) needs EINSUM.
+    dispatch: `DispatchKind.INDEX` (gathers) or `DispatchKind.EINSUM` (one-hot tensors), both
+      with capacity buffers; a router with dense dispatch weights (soft MoE) needs EINSUM.
+      `DispatchKind.DROPLESS`: no capacity, nothing dropped (token-choice routers only;
+      moejax/dropless.py).
     activation: relu, gelu or swiglu.
     expert_loop: how the experts' matmuls are issued: auto, batched, scan or unroll (same
       results; see `expert_ffn`).
@@ -79,6 +84,14 @@ class MoeConfig:
       whose output is added to the routed experts' for every real token (DeepSeekMoE; N_s
       shared experts of width F' are one FFN of width N_s * F'); 0: none. Expert dropout does
       not apply to it.
+    grouped_matmul: dropless experts' grouped matmul: auto (per platform), portable or
+      ragged_dot (moejax/grouped_matmul.py).
+    grouped_matmul_tile: rows per tile of the portable grouped matmul.
+    exchange: how dropless token copies cross the expert axis: auto, ragged
+      (ragged_all_to_all, GPU/TPU) or buffer (fixed-size all_to_all).
+    exchange_buffer_factor: the buffer exchange's rows per device pair, as a multiple of the
+      balanced share N/X of a device's N token copies; None: the worst case (N), so nothing can
+      overflow. Copies past it are counted in the `exchange_overflow` metric.
   """
 
   PATH: ClassVar[str] = "model.moe"
@@ -92,9 +105,14 @@ class MoeConfig:
   expert_dropout: float = 0.0
   dtype: str | None = None
   shared_ffn_dim: int = 0
+  grouped_matmul: GroupedMatmulImpl = GroupedMatmulImpl.AUTO
+  grouped_matmul_tile: int = 128
+  exchange: ExchangeKind = ExchangeKind.AUTO
+  exchange_buffer_factor: float | None = None
 
   def __post_init__(self):
     typed_config.check_fields(self)
+    _FORMS[self.dispatch].validate(self)
     if self.dtype is not None:
       parse_dtype(typed_config.path_of(self, "dtype"), self.dtype)
     for name in ("ffn_dim", "group_size"):
@@ -117,6 +135,14 @@ class MoeConfig:
   def compute_dtype(self) -> jnp.dtype:
     """The experts' compute dtype (float32 when `dtype` is None and no model resolved it)."""
     return parse_dtype(typed_config.path_of(self, "dtype"), self.dtype or "float32")
+
+  @property
+  def routing_config(self) -> RouterConfig:
+    """The router settings routing runs with: capacity S (every assignment kept) when the
+    dispatch form has no capacity."""
+    if _FORMS[self.dispatch].uncapped:
+      return dataclasses.replace(self.router, min_capacity=self.group_size)
+    return self.router
 
 
 @jax.tree_util.register_dataclass
@@ -155,8 +181,23 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router
     inputs = dataclasses.replace(inputs, **grouped)
     logits_GSX, finite_GS = _router_logits(x_GSM, jitter_TM, router_MX, inputs, config.router)
     routable_GS = finite_GS if mask_T is None else finite_GS & mask_T.reshape(G, S)
-    decision = route(logits_GSX, config.router, train=train, padding_mask_GS=routable_GS,
-                     inputs=inputs)
+    decision = route(logits_GSX, config.routing_config, train=train,
+                     padding_mask_GS=routable_GS, inputs=inputs)
+  y_GSM, stats = _FORMS[config.dispatch].execute(
+      decision, x_GSM, keep_EGCF, wi_EMF, wo_EFM, wg_EMF, config=config, expert_axis=expert_axis,
+      model_axis=model_axis)
+  with jax.named_scope("combine"):
+    # A real token that was not routed for holding NaN/inf shows it in its output (its downstream
+    # loss turns NaN), rather than passing for a dropped token; the select also stops whatever
+    # cotangent its output gets.
+    poisoned_GS = ~finite_GS if mask_T is None else ~finite_GS & mask_T.reshape(G, S)
+    y_GSM = jnp.where(poisoned_GS[..., None], jnp.asarray(jnp.nan, y_GSM.dtype), y_GSM)
+  return y_GSM.reshape(T, M).astype(x_TM.dtype), stats
+
+
+def _capacity_experts(decision, x_GSM, keep_EGCF, wi_EMF, wo_EFM, wg_EMF, *, config: MoeConfig,
+                      expert_axis: str | None, model_axis: str | None):
+  """The routed experts over capacity buffers (index or einsum form): y (G, S, M) and stats."""
   with jax.named_scope("dispatch"):
     dispatcher = make_dispatcher(config.dispatch, decision)
     x_EGCM = dispatcher.dispatch(x_GSM)
@@ -173,13 +214,34 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router
     if expert_axis is not None:
       # (E/X, X*G, C, M) -> (E, G, C, M): results return to the devices that own the tokens.
       y_EGCM = jax.lax.all_to_all(y_EGCM, expert_axis, split_axis=1, concat_axis=0, tiled=True)
-    y_GSM = dispatcher.combine(y_EGCM)
-    # A real token that was not routed for holding NaN/inf shows it in its output (its downstream
-    # loss turns NaN), rather than passing for a dropped token; the select also stops whatever
-    # cotangent its output gets.
-    poisoned_GS = ~finite_GS if mask_T is None else ~finite_GS & mask_T.reshape(G, S)
-    y_GSM = jnp.where(poisoned_GS[..., None], jnp.asarray(jnp.nan, y_GSM.dtype), y_GSM)
-  return y_GSM.reshape(T, M).astype(x_TM.dtype), decision.stats
+    return dispatcher.combine(y_EGCM), decision.stats
+
+
+def _dropless_experts(decision, x_GSM, keep_EGCF, wi_EMF, wo_EFM, wg_EMF, **kw):
+  with jax.named_scope("dropless_experts"):
+    return dropless.dropless_experts(decision, x_GSM, keep_EGCF, wi_EMF, wo_EFM, wg_EMF, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DispatchForm:
+  """How a dispatch kind executes a decision, and the settings it reads.
+
+  execute: (decision, x_GSM, keep_EGCF, wi, wo, wg, *, config, expert_axis, model_axis) ->
+    (y_GSM, RoutingStats), inside shard_map. validate: (MoeConfig) -> None, raising ConfigError.
+  uncapped: routing runs with capacity S, so every assignment is kept.
+  """
+
+  execute: Callable[..., Any]
+  validate: Callable[[Any], None]
+  uncapped: bool = False
+
+
+_FORMS = {
+    DispatchKind.EINSUM: _DispatchForm(_capacity_experts, dropless.check_capacity_form),
+    DispatchKind.INDEX: _DispatchForm(_capacity_experts, dropless.check_capacity_form),
+    DispatchKind.DROPLESS: _DispatchForm(_dropless_experts, dropless.check_dropless_form,
+                                         uncapped=True),
+}
 
 
 def _router_logits(x_GSM, jitter_TM, router_MX, inputs: RouterInputs, router: RouterConfig):

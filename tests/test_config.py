@@ -47,7 +47,8 @@ SPECIAL = {
     "model.moe.router.kind": "gshard",
     "model.vocab_size": 600, "model.head_dim": 18, "model.moe_every": 1, "model.moe.router.k": 3,
     "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.moe.dtype": "bfloat16",
-    "model.moe.group_size": 8, "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
+    "model.moe.group_size": 8, "model.moe.exchange_buffer_factor": 2.0,
+    "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
     "data.name": "ptb", "data.data_dir": "/tmp/moejax-data", "data.text_key": "content",
     "data.train_split": "train2", "data.eval_split": "test", "data.tokenizer": "word",
     "data.sentencepiece_model_type": "unigram", "data.process_sharding": "documents",
@@ -60,6 +61,9 @@ SPECIAL = {
 _ROUTER = "model.moe.router."
 CONTEXT = {
     "model.masked_lm.": {"model.objective": "masked_lm"},
+    # Settings only dropless experts read.
+    "model.moe.grouped_matmul": {"model.moe.dispatch": "dropless"},
+    "model.moe.exchange": {"model.moe.dispatch": "dropless"},
     _ROUTER + "k": {_ROUTER + "kind": "topk"},
     _ROUTER + "normalize_weights": {_ROUTER + "kind": "topk", _ROUTER + "k": 2},
     _ROUTER + "second_expert_": {_ROUTER + "kind": "gshard"},
@@ -243,6 +247,7 @@ def test_resume_saves_the_config_and_allows_listed_changes(tmp_path):
 @pytest.mark.parametrize("path, old, new", [
     ("data.seq_len", 16, 32), ("train.batch_size", 8, 16),
     ("model.moe.router.kind", "switch", "gshard"), ("optimizer.learning_rate", 0.003, 0.01),
+    ("model.moe.dispatch", "index", "dropless"),  # index drops tokens where dropless does not
 ])
 def test_resume_refuses_changes_that_would_continue_another_experiment(tmp_path, path, old, new):
   config_lib.check_resume(tmp_path, _experiment(), resuming=False)

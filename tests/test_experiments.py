@@ -1,5 +1,6 @@
 """The experiment files: they load, agree on active FLOPs, and each trains a step (tiny variant)."""
 
+import dataclasses
 import importlib
 import math
 
@@ -17,7 +18,9 @@ ROUTER_EXPERIMENTS = ("deepseek_small", "noisy_topk_small", "random_small",
                       "hash_small") + NONCAUSAL_EXPERIMENTS
 # Other objectives at the same active FFN FLOPs per token (masked LM: moejax/objective.py).
 OBJECTIVE_EXPERIMENTS = ("mlm_small",)
-ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS + OBJECTIVE_EXPERIMENTS
+# Other dispatch forms at the same active FFN FLOPs per token (dropless: moejax/dropless.py).
+DISPATCH_EXPERIMENTS = ("switch_small_dropless",)
+ALL_EXPERIMENTS = EXPERIMENTS + ROUTER_EXPERIMENTS + OBJECTIVE_EXPERIMENTS + DISPATCH_EXPERIMENTS
 # Sized for accelerators (experiments/accelerator.py): bfloat16, their own meshes.
 ACCELERATOR_EXPERIMENTS = ("dense_base", "switch_base_8", "switch_base_64", "mixtral_small")
 
@@ -136,7 +139,8 @@ def _typed_from(config, num_devices):
 # `make test-all`.
 @pytest.mark.parametrize("name", [*EXPERIMENTS, "switch_base_8", *(
     pytest.param(name, marks=pytest.mark.slow) for name in ROUTER_EXPERIMENTS +
-    OBJECTIVE_EXPERIMENTS + ("dense_base", "switch_base_64", "mixtral_small"))])
+    OBJECTIVE_EXPERIMENTS + DISPATCH_EXPERIMENTS + ("dense_base", "switch_base_64",
+                                                    "mixtral_small"))])
 def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   config = _get_config(name, "tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)
@@ -158,6 +162,16 @@ def test_each_experiment_trains_one_step(name, ptb_dir, tmp_path):
   else:
     assert len(loads) == _typed(name, "tiny").model.moe.router.num_experts
     np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
+  if name in DISPATCH_EXPERIMENTS:  # dropless: nothing dropped, the exchange overflow reported
+    assert records[0]["moe/layer_1/dropped_fraction"] == 0.0
+    assert records[0]["moe/layer_1/exchange_overflow"] == 0.0
+
+
+def test_dropless_experiment_settings():
+  switch = _typed("switch_small").model.moe
+  dropless = _typed("switch_small_dropless").model.moe
+  assert dropless.dispatch.value == "dropless" and switch.dispatch.value == "index"
+  assert dataclasses.replace(dropless, dispatch=switch.dispatch) == switch
 
 
 

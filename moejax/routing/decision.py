@@ -62,6 +62,10 @@ class RoutingStats:
   group_losses_G: dict[str, jax.Array]
   expert_sums_GE: dict[str, jax.Array]
   capacity: int = dataclasses.field(metadata=dict(static=True))
+  # Assignments a dispatch form's exchange buffer could not carry (dropless experts' fixed-size
+  # exchange, moejax/dropless.py), per group; None for forms without one. Reported as the
+  # `exchange_overflow` metric, a count summed over the batch.
+  exchange_overflow_G: jax.Array | None = None
 
   def summarize(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Returns (losses, metrics), all float32 scalars except `expert_load` (E,)."""
@@ -89,6 +93,8 @@ class RoutingStats:
         "experts_without_tokens": jnp.sum(kept_E == 0).astype(jnp.float32),
         "experts_per_token": kept / denom,
     }
+    if self.exchange_overflow_G is not None:
+      metrics["exchange_overflow"] = jnp.sum(self.exchange_overflow_G)
     return losses, metrics
 
 

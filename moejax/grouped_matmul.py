@@ -1,0 +1,211 @@
+"""Grouped matmul: rows sorted by group, each contiguous segment times its own group's matrix.
+
+Dimension letters (docs/design.md): R rows, E groups (experts), M input width, N output width.
+
+    grouped_matmul(x_RM, w_EMN, group_sizes_E, impl=, tile=) -> y_RN
+
+Segment e holds rows [sum(group_sizes[:e]), sum(group_sizes[:e+1])), and y[r] = x[r] @ w[e] for
+its rows; rows past sum(group_sizes) give zeros. This is what dropless experts run (moejax/
+dropless.py): the token copies sorted by expert, no capacity, no empty slots.
+
+Two implementations with the same numbers up to float rounding (`GroupedMatmulImpl`):
+
+* PORTABLE, plain XLA for every backend: each segment is covered by row tiles, one 2-D matmul per
+  tile, in loops over the segment's tiles (while loops whose trip counts are computed from the
+  segment's size), issued group after group. Most rows go through tiles of 8 * `tile` rows, the
+  rest through at most one tile of 4 * `tile`, one of 2 * `tile` and two of `tile` rows, so the
+  matmuls stay large. A segment's last tile reaches past its end into the next segments; the
+  rows it computes there are overwritten by their own group's tiles, which run later. So the work
+  is that of padding every segment to a multiple of `tile` (at most E * (tile - 1) extra rows),
+  without materialising a padded copy.
+  Its custom VJP is again grouped: dx through the same tile loop with the transposed weights,
+  dW[e] accumulated (in float32) over segment e's tiles, each as x_tile^T @ dy_tile with x_tile's
+  transpose materialised, the layout trick the index path's experts use on CPU (moejax/
+  experts.py).
+* RAGGED_DOT, `jax.lax.ragged_dot`: a real grouped kernel on TPU; on CPU (and, by default, on
+  NVIDIA GPUs) XLA lowers it to a dense masked matmul over every group, E times the FLOPs.
+
+`resolve_impl(AUTO)` picks per platform from `AUTO_IMPL`, and logs its choice once per process.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from moejax.experts import materialized_transpose, sum_to_varying_axes_of
+
+
+class GroupedMatmulImpl(enum.Enum):
+  """Which grouped matmul dropless experts run (`model.moe.grouped_matmul`)."""
+
+  AUTO = "auto"  # per platform, from AUTO_IMPL
+  PORTABLE = "portable"  # tiled loop in plain XLA, custom grouped VJP
+  RAGGED_DOT = "ragged_dot"  # jax.lax.ragged_dot
+
+
+# What `auto` runs on each platform. CPU: the portable loop (ragged_dot is a dense masked matmul
+# over all groups there, ~E times the FLOPs). TPU: ragged_dot, which XLA:TPU lowers to a grouped
+# kernel. GPU: ragged_dot, measured on one H100 with benchmarks/grouped_matmul.py (docs/benchmarks.md):
+# 6.1x a dense FFN's time against the portable loop's 9.2x in float32, 7.9x against 9.3x in bfloat16
+# (both far behind the index form's 1.4-1.6x there).
+AUTO_IMPL = {
+    "cpu": GroupedMatmulImpl.PORTABLE,
+    "tpu": GroupedMatmulImpl.RAGGED_DOT,
+    "gpu": GroupedMatmulImpl.RAGGED_DOT,
+}
+
+_announced: set[tuple[str, GroupedMatmulImpl]] = set()
+
+
+def resolve_impl(impl: GroupedMatmulImpl | str,
+                 platform: str | None = None) -> GroupedMatmulImpl:
+  """The implementation `impl` stands for on `platform` (default: JAX's default backend).
+
+  The first resolution of each (platform, implementation) in a process is logged, so a run's log
+  says which grouped matmul its experts ran.
+  """
+  impl = GroupedMatmulImpl(impl)
+  platform = platform or jax.default_backend()
+  chosen = impl
+  if impl is GroupedMatmulImpl.AUTO:
+    chosen = AUTO_IMPL.get(platform, GroupedMatmulImpl.PORTABLE)
+  if (platform, chosen) not in _announced:
+    _announced.add((platform, chosen))
+    logging.info("moejax grouped matmul on %s: %s (model.moe.grouped_matmul=%s)", platform,
+                 chosen.value, impl.value)
+  return chosen
+
+
+def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, *,
+                   impl: GroupedMatmulImpl | str = GroupedMatmulImpl.AUTO,
+                   tile: int = 128) -> jax.Array:
+  """y[r] = x[r] @ w[e] for the rows r of segment e; zeros past the last segment (module doc).
+
+  Args:
+    x_RM: rows sorted by group.
+    w_EMN: one matrix per group.
+    group_sizes_E: int32 rows per group, summing to at most R.
+    impl: the implementation (AUTO resolves per platform).
+    tile: rows per tile of the portable implementation.
+  """
+  impl = resolve_impl(impl)
+  group_sizes_E = group_sizes_E.astype(jnp.int32)
+  if impl is GroupedMatmulImpl.RAGGED_DOT:
+    return jax.lax.ragged_dot(x_RM, w_EMN, group_sizes_E)
+  return _portable(x_RM, w_EMN, group_sizes_E, tile)
+
+
+# ----------------------------------------------------------------------------- portable
+
+
+# Besides `tile`, the portable loop uses tiles of tile * 2**j rows for j up to this, so that most
+# of a segment runs as large matmuls while the padding stays below `tile` rows per segment.
+_DOUBLINGS = 3
+
+
+def _pieces(start, size, tile: int, num_rows: int):
+  """How the portable loop covers rows [start, start + size): [(tile rows, first row, count)].
+
+  count tiles of tile * 8 rows, then (binary digits of the rest) at most one tile of tile * 4 and
+  one of tile * 2 rows, then ceil(rest / tile) <= 2 tiles of `tile` rows, the last of which may
+  reach past the segment's end. Tile sizes larger than the `num_rows` rows are left out (their
+  count would be 0).
+  """
+  pieces, offset = [], start
+  for j in range(_DOUBLINGS, 0, -1):
+    rows = tile << j
+    if rows > num_rows:
+      continue
+    count = size // rows if j == _DOUBLINGS else (size // rows) % 2
+    pieces.append((rows, offset, count))
+    offset = offset + count * rows
+  rest = start + size - offset
+  pieces.append((tile, offset, (rest + tile - 1) // tile))
+  return pieces
+
+
+def _segments(group_sizes_E):
+  """Each segment's first row and its end (int32, (E,))."""
+  ends_E = jnp.cumsum(group_sizes_E)
+  return ends_E - group_sizes_E, ends_E
+
+
+def _pad_rows(a_RX, tile):
+  """a with `tile` zero rows appended, so a tile that starts at any row < R fits."""
+  return jnp.pad(a_RX, ((0, tile), (0, 0)))
+
+
+def _tile_loop(x_RM, w_EMN, group_sizes_E, tile: int, *, transposed: bool):
+  """The tiled grouped matmul: x @ w[e] per segment (x @ w[e]^T with `transposed`)."""
+  R = x_RM.shape[0]
+  E = w_EMN.shape[0]
+  starts_E, ends_E = _segments(group_sizes_E)
+  x_pad = _pad_rows(x_RM, tile)
+  out_col = (lambda w: w[:, 0]) if transposed else (lambda w: w[0, :])
+  # Zeros varying over the mesh axes of x and w alike (the loop carry's type inside shard_map).
+  y_RN = (jnp.zeros_like(x_pad[:, :1]) + jnp.zeros_like(out_col(w_EMN[0]))[None, :])
+  y_RN = y_RN.astype(jnp.result_type(x_RM.dtype, w_EMN.dtype))
+  for e in range(E):
+    w_MN = w_EMN[e]
+    for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
+
+      def body(i, y_RN, w_MN=w_MN, rows=rows, first=first):
+        r0 = first + i * rows
+        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
+        y_tN = x_tM @ w_MN.T if transposed else x_tM @ w_MN
+        return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN.astype(y_RN.dtype), r0, axis=0)
+
+      y_RN = jax.lax.fori_loop(0, count, body, y_RN)
+  inside_R = jnp.arange(R) < ends_E[-1]
+  return jnp.where(inside_R[:, None], y_RN[:R], jnp.zeros_like(y_RN[:R]))
+
+
+def _weight_grad(x_RM, dy_RN, group_sizes_E, tile: int, num_groups: int, dtype):
+  """dW[e] = x[seg e]^T @ dy[seg e], accumulated in float32 over segment e's tiles."""
+  R = x_RM.shape[0]
+  starts_E, ends_E = _segments(group_sizes_E)
+  x_pad, dy_pad = _pad_rows(x_RM, tile), _pad_rows(dy_RN, tile)
+  zero_MN = (jnp.zeros_like(x_pad[0, :], jnp.float32)[:, None] +
+             jnp.zeros_like(dy_pad[0, :], jnp.float32)[None, :])
+  dws = []
+  for e in range(num_groups):
+    dw_MN = zero_MN
+    for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
+
+      def body(i, dw_MN, e=e, rows=rows, first=first):
+        r0 = first + i * rows
+        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
+        dy_tN = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows, axis=0)
+        # The last tile reaches into the next segments: their rows take no part in dW[e].
+        inside_t = r0 + jnp.arange(rows) < ends_E[e]
+        x_tM = jnp.where(inside_t[:, None], x_tM, jnp.zeros_like(x_tM))
+        x_Mt = materialized_transpose(x_tM)
+        return dw_MN + jnp.matmul(x_Mt, dy_tN, preferred_element_type=jnp.float32)
+
+      dw_MN = jax.lax.fori_loop(0, count, body, dw_MN)
+    dws.append(dw_MN)
+  return jnp.stack(dws).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _portable(x_RM, w_EMN, group_sizes_E, tile):
+  return _tile_loop(x_RM, w_EMN, group_sizes_E, tile, transposed=False)
+
+
+def _portable_fwd(x_RM, w_EMN, group_sizes_E, tile):
+  return _portable(x_RM, w_EMN, group_sizes_E, tile), (x_RM, w_EMN, group_sizes_E)
+
+
+def _portable_bwd(tile, residuals, dy_RN):
+  x_RM, w_EMN, group_sizes_E = residuals
+  dx_RM = _tile_loop(dy_RN, w_EMN, group_sizes_E, tile, transposed=True).astype(x_RM.dtype)
+  dw_EMN = _weight_grad(x_RM, dy_RN, group_sizes_E, tile, w_EMN.shape[0], w_EMN.dtype)
+  return (sum_to_varying_axes_of(x_RM, dx_RM), sum_to_varying_axes_of(w_EMN, dw_EMN), None)
+
+
+_portable.defvjp(_portable_fwd, _portable_bwd)
