@@ -10,7 +10,10 @@ D head width, R = D/2 rotated pairs of a head.
 The attention itself is `jax.nn.dot_product_attention`, so that a GPU can run it as one fused
 cuDNN (flash) kernel: `model.attention_impl` picks the implementation.
 
-    "auto"   None to JAX: JAX picks (jax 0.10 and 0.11 pick "xla" for every input).
+    "auto"   "cudnn" on NVIDIA GPUs with bfloat16 compute and a head width cuDNN takes (a multiple
+             of 8, at most 128), else "xla" (`resolve_impl`). JAX's own default would be XLA
+             everywhere (jax 0.10 and 0.11), which on an H100 costs dense_base a third of its
+             throughput (docs/benchmarks.md).
     "xla"    the plain XLA formulation: scores (B, H, L, T) materialised, any dtype, any device.
     "cudnn"  cuDNN's fused attention: NVIDIA GPUs only, bfloat16 compute only (`model.dtype`);
              XLA raises at compile time on other devices or unsupported shapes.
@@ -23,10 +26,16 @@ that mask as an additive bias.) The combined rule is `attention_mask`.
 Precision: the scores q.k and the softmax are float32 whatever the compute dtype (XLA's
 formulation promotes the score matmul to float32 and runs the softmax in float32); the
 probabilities are cast back to the compute dtype before they weight v.
+
+Decoding with a key/value cache (`KvCache`, `Attention.decode`): the new tokens' keys and values
+are written into a fixed-size cache at their absolute positions (RoPE rotates them there), and
+each query attends every cached position up to its own. Decoding always uses "xla": one query row
+gains nothing from a fused kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import TYPE_CHECKING
 
@@ -44,14 +53,21 @@ if TYPE_CHECKING:
 class AttentionImpl(enum.Enum):
   """`model.attention_impl`: which implementation of `jax.nn.dot_product_attention` runs."""
 
-  AUTO = "auto"  # JAX chooses (today: XLA)
+  AUTO = "auto"  # cuDNN where it applies, else XLA (resolve_impl)
   XLA = "xla"
   CUDNN = "cudnn"  # NVIDIA GPUs, bfloat16 compute
 
-  @property
-  def jax_name(self) -> str | None:
-    """The value of dot_product_attention's `implementation` argument."""
-    return None if self is AttentionImpl.AUTO else self.value
+
+def resolve_impl(impl: AttentionImpl, *, dtype, head_dim: int, platform: str | None = None
+                 ) -> AttentionImpl:
+  """What "auto" runs: cuDNN's fused attention on GPUs for bfloat16 and head widths it takes
+  (multiples of 8 up to 128), XLA otherwise. Explicit choices are returned unchanged."""
+  if impl is not AttentionImpl.AUTO:
+    return impl
+  platform = platform or jax.default_backend()
+  fits_cudnn = (platform == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0
+                and head_dim <= 128)
+  return AttentionImpl.CUDNN if fits_cudnn else AttentionImpl.XLA
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -100,6 +116,28 @@ def attention_mask(length: int, mask_BL: jax.Array | None, *, causal: bool = Tru
   return order_LT[None] if padding_B1LT is None else order_LT[None] & padding_B1LT[:, 0]
 
 
+# ----------------------------------------------------------------------------- the cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KvCache:
+  """One attention layer's keys and values for decoding (RoPE already applied to the keys).
+
+  `keys_BTHD` / `values_BTHD` hold T = the longest sequence to decode (prompt + new tokens);
+  positions at or after `length` are not written yet and never attended.
+  """
+
+  keys_BTHD: jax.Array
+  values_BTHD: jax.Array
+  length: jax.Array  # int32 scalar: the positions written so far
+
+  @classmethod
+  def empty(cls, batch: int, max_length: int, num_heads: int, head_dim: int, dtype) -> KvCache:
+    zeros = jnp.zeros((batch, max_length, num_heads, head_dim), dtype)
+    return cls(keys_BTHD=zeros, values_BTHD=zeros, length=jnp.zeros((), jnp.int32))
+
+
 # ----------------------------------------------------------------------------- the module
 
 
@@ -112,7 +150,8 @@ class Attention(nnx.Module):
     self.dtype = parse_dtype("model.dtype", config.dtype)
     self.rope_base = config.rope_base
     self.causal = config.causal
-    self.implementation = AttentionImpl(config.attention_impl).jax_name
+    self.implementation = resolve_impl(AttentionImpl(config.attention_impl), dtype=self.dtype,
+                                       head_dim=D).value
     init_in = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
                                                    out_axis=(1, 2))
     init_out = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -143,3 +182,24 @@ class Attention(nnx.Module):
         q_BLHD, k_BTHD, v_BTHD, mask=padding_B1LT, is_causal=self.causal,
         implementation=self.implementation)
     return self._project_out(out_BLHD, x_BLM)
+
+  def decode(self, x_BLM: jax.Array, cache: KvCache) -> tuple[jax.Array, KvCache]:
+    """The next L tokens (every row at positions cache.length ..) attending the cache and
+    themselves, causally; returns their output (B, L, M) and the cache with them written.
+
+    The caller keeps cache.length + L within the cache's T; every row must be real (no padding).
+    """
+    L = x_BLM.shape[1]
+    start = cache.length
+    positions_L = start + jnp.arange(L, dtype=jnp.int32)
+    q_BLHD, k_BLHD, v_BLHD = self._qkv(x_BLM, positions_L)
+    dt = cache.keys_BTHD.dtype
+    keys_BTHD = jax.lax.dynamic_update_slice_in_dim(cache.keys_BTHD, k_BLHD.astype(dt), start, 1)
+    values_BTHD = jax.lax.dynamic_update_slice_in_dim(cache.values_BTHD, v_BLHD.astype(dt),
+                                                      start, 1)
+    T = keys_BTHD.shape[1]
+    allowed_11LT = (jnp.arange(T, dtype=jnp.int32)[None, :] <= positions_L[:, None])[None, None]
+    out_BLHD = jax.nn.dot_product_attention(
+        q_BLHD.astype(dt), keys_BTHD, values_BTHD, mask=allowed_11LT, implementation="xla")
+    new_cache = KvCache(keys_BTHD=keys_BTHD, values_BTHD=values_BTHD, length=start + L)
+    return self._project_out(out_BLHD.astype(self.dtype), x_BLM), new_cache

@@ -49,7 +49,7 @@ import ml_collections
 from flax import nnx
 
 from moejax import sharding, typed_config
-from moejax.attention import Attention, AttentionImpl, padding_mask
+from moejax.attention import Attention, AttentionImpl, KvCache, padding_mask
 from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
 from moejax.objective import MaskedLmConfig, Objective
 from moejax.remat import Remat
@@ -85,8 +85,8 @@ class ModelConfig:
     objective: "causal_lm" (causal attention, next-token loss) or "masked_lm" (bidirectional
       attention, masked-token loss; V includes the mask token). See moejax/objective.py.
     masked_lm: the masked-LM corruption settings; unused (None) under causal_lm.
-    attention_impl: the implementation of `jax.nn.dot_product_attention`: "auto" (JAX
-      chooses; XLA in jax 0.10 and 0.11), "xla", or "cudnn" (fused flash attention on NVIDIA
+    attention_impl: the implementation of `jax.nn.dot_product_attention`: "auto" (cuDNN on
+      NVIDIA GPUs in bfloat16, else XLA), "xla", or "cudnn" (fused flash attention on NVIDIA
       GPUs; needs dtype="bfloat16"). See moejax/attention.py.
   """
 
@@ -292,22 +292,31 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
 
   def __call__(self, x_BLM: jax.Array, padding_B1LT: jax.Array | None, mask_BL: jax.Array | None,
-               train: bool, inputs_BL: jax.Array | None = None
-               ) -> tuple[jax.Array, MoeAux | None]:
+               train: bool, inputs_BL: jax.Array | None = None,
+               routing_group_size: int | None = None) -> tuple[jax.Array, MoeAux | None]:
     with jax.named_scope("attention"):
       y_BLM = self.attention(self.attention_norm(x_BLM), padding_B1LT)
       x_BLM = x_BLM + self.dropout(y_BLM, deterministic=not train)
-    aux = None
-    h_BLM = self.ffn_norm(x_BLM)
-    if self.is_moe:
-      with jax.named_scope("moe"):
-        y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=mask_BL, train=train,
-                              token_ids_BL=inputs_BL if self.ffn.hash_table is not None else None)
-    else:
-      with jax.named_scope("ffn"):
-        y_BLM = self.ffn(h_BLM)
+    y_BLM, aux = self._ffn(self.ffn_norm(x_BLM), mask_BL, train, inputs_BL, routing_group_size)
     x_BLM = x_BLM + self.dropout(y_BLM.astype(x_BLM.dtype), deterministic=not train)
     return x_BLM, aux
+
+  def decode(self, x_BLM: jax.Array, cache: KvCache, inputs_BL: jax.Array
+             ) -> tuple[jax.Array, KvCache, MoeAux | None]:
+    """The block on the next L tokens after `cache` (evaluation mode, MoE groups of one token)."""
+    with jax.named_scope("attention"):
+      y_BLM, cache = self.attention.decode(self.attention_norm(x_BLM), cache)
+      x_BLM = x_BLM + y_BLM
+    y_BLM, aux = self._ffn(self.ffn_norm(x_BLM), None, False, inputs_BL, 1)
+    return x_BLM + y_BLM.astype(x_BLM.dtype), cache, aux
+
+  def _ffn(self, h_BLM, mask_BL, train, inputs_BL, routing_group_size):
+    if not self.is_moe:
+      with jax.named_scope("ffn"):
+        return self.ffn(h_BLM), None
+    with jax.named_scope("moe"):
+      return self.ffn(h_BLM, padding_mask_BL=mask_BL, train=train, group_size=routing_group_size,
+                      token_ids_BL=inputs_BL if self.ffn.hash_table is not None else None)
 
 
 @jax.tree_util.register_dataclass
@@ -338,7 +347,8 @@ class Transformer(nnx.Module):
       self.unembed = sharding.param(init(rngs.params(), (M, V), pdt), ("embed", "vocab"))
 
   def __call__(self, inputs_BL: jax.Array, *, mask_BL: jax.Array | None = None,
-               train: bool = False) -> tuple[jax.Array, ModelAux]:
+               train: bool = False, routing_group_size: int | None = None
+               ) -> tuple[jax.Array, ModelAux]:
     """Logits (B, L, V) float32 and ModelAux.
 
     Args:
@@ -346,19 +356,60 @@ class Transformer(nnx.Module):
       mask_BL: True for real tokens, False for padding (None: all real). Padding is excluded from
         the MoE layers' routing (no capacity, no loss or metric) and from the attention keys.
       train: enables dropout, router jitter and the training capacity factor.
+      routing_group_size: route the MoE layers' tokens in groups of this many instead of
+        `model.moe.group_size`; 1 routes each token alone, as `decode` does.
     """
-    B, L = inputs_BL.shape
-    x_BLM = self.embed[...].at[inputs_BL].get(
-        out_sharding=sharding.batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
+    L = inputs_BL.shape[1]
+    x_BLM = self._embed(inputs_BL)
     padding_B1LT = padding_mask(L, mask_BL)
     aux_by_layer = {}
     run_block = remat_lib.wrap(
-        lambda block, x, padding, mask, inputs: block(x, padding, mask, train, inputs),
+        lambda block, x, padding, mask, inputs: block(x, padding, mask, train, inputs,
+                                                      routing_group_size),
         self.config.remat)
     for i, block in enumerate(self.blocks):
       x_BLM, aux = run_block(block, x_BLM, padding_B1LT, mask_BL, inputs_BL)
       if aux is not None:
         aux_by_layer[f"layer_{i}"] = aux
+    aux_loss = sum((a.aux_loss for a in aux_by_layer.values()), jnp.zeros((), jnp.float32))
+    return self._logits(x_BLM), ModelAux(aux_loss=aux_loss, moe=aux_by_layer)
+
+  def init_cache(self, batch: int, max_length: int) -> list[KvCache]:
+    """Empty key/value caches, one per block, for decoding up to `max_length` positions."""
+    config = self.config
+    return [KvCache.empty(batch, max_length, config.num_heads, config.head_dim, self.dtype)
+            for _ in self.blocks]
+
+  def decode(self, inputs_BL: jax.Array, caches: list[KvCache]
+             ) -> tuple[jax.Array, list[KvCache], ModelAux]:
+    """Logits (B, L, V) of the next L tokens of every row, continuing the sequences in `caches`.
+
+    A causal LM only. The first call (empty caches) is the prompt's prefill, later calls feed
+    one token at a time; every position is a real token. Evaluation mode, and the MoE layers
+    route each token alone (groups of one token, `MoeLayer`), so a token's logits and experts
+    never depend on other tokens' routing; `__call__(..., routing_group_size=1)` on the whole
+    sequence gives the same logits. Returns the updated caches and ModelAux, whose
+    `moe[layer].kept_GE` reshaped to (B, L, E) says which experts each token took.
+    """
+    if not self.config.causal:
+      raise ValueError(f"model.objective={self.config.objective.value!r}: decoding needs a "
+                       "causal language model ('causal_lm').")
+    x_BLM = self._embed(inputs_BL)
+    aux_by_layer, new_caches = {}, []
+    for i, (block, cache) in enumerate(zip(self.blocks, caches)):
+      x_BLM, cache, aux = block.decode(x_BLM, cache, inputs_BL)
+      new_caches.append(cache)
+      if aux is not None:
+        aux_by_layer[f"layer_{i}"] = aux
+    aux_loss = sum((a.aux_loss for a in aux_by_layer.values()), jnp.zeros((), jnp.float32))
+    return self._logits(x_BLM), new_caches, ModelAux(aux_loss=aux_loss, moe=aux_by_layer)
+
+  def _embed(self, inputs_BL: jax.Array) -> jax.Array:
+    return self.embed[...].at[inputs_BL].get(
+        out_sharding=sharding.batch_sharded_like(inputs_BL, 3)).astype(self.dtype)
+
+  def _logits(self, x_BLM: jax.Array) -> jax.Array:
+    """Final norm and output projection: float32 logits (B, L, V)."""
     x_BLM = self.final_norm(x_BLM)
     if self.unembed is None:
       # The embedding rows have unit scale; M^-1/2 keeps the initial logits at unit scale too.
@@ -368,8 +419,7 @@ class Transformer(nnx.Module):
     else:
       logits_BLV = jnp.einsum("BLM,MV->BLV", x_BLM, self.unembed[...].astype(self.dtype),
                               preferred_element_type=jnp.float32)
-    aux_loss = sum((a.aux_loss for a in aux_by_layer.values()), jnp.zeros((), jnp.float32))
-    return logits_BLV.astype(jnp.float32), ModelAux(aux_loss=aux_loss, moe=aux_by_layer)
+    return logits_BLV.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- accounting

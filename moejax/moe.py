@@ -153,6 +153,9 @@ class MoeAux:
   aux_loss: jax.Array  # the weighted sum of the router's auxiliary losses (routing.aux_loss)
   losses: dict[str, jax.Array]
   metrics: dict[str, jax.Array]
+  # (G, E) per routing group: the assignments each expert kept. With groups of one token
+  # (`group_size=1`, as in decoding) row t counts the experts token t took (0 or 1 each).
+  kept_GE: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- per-device body
@@ -327,17 +330,25 @@ class MoeLayer(nnx.Module):
     self.rngs = rngs.fork() if needs_rng else None
 
   def __call__(self, x_BLM: jax.Array, *, padding_mask_BL: jax.Array | None = None,
-               token_ids_BL: jax.Array | None = None, train: bool = False
-               ) -> tuple[jax.Array, MoeAux]:
+               token_ids_BL: jax.Array | None = None, train: bool = False,
+               group_size: int | None = None) -> tuple[jax.Array, MoeAux]:
     """y (B, L, M) and MoeAux; `token_ids_BL` for routers that route by token id (hash).
 
     y is the routed experts' output plus, when `shared_ffn_dim` > 0, the shared experts'.
+
+    `group_size` replaces `config.group_size` for this call (capacity follows it). Decoding
+    routes each token alone with `group_size=1`: a token-choice router's capacity is then
+    max(min_capacity, ceil(k * capacity_factor / E)) capped at 1, i.e. exactly 1 slot per
+    expert, so the token's k distinct choices are all kept and no token is ever dropped; nor can
+    another token change its routing.
 
     In training, the aux-loss-free balancing bias (when on) moves after routing by
     `bias_update_rate * sign(mean load - load)` over the whole batch (Wang et al. 2024).
     """
     B, L, M = x_BLM.shape
     cfg = self.config
+    if group_size is not None and group_size != cfg.group_size:
+      cfg = dataclasses.replace(cfg, group_size=group_size)
     dtype = cfg.compute_dtype
     x_TM = x_BLM.reshape(B * L, M).astype(dtype)
     mask_T = None if padding_mask_BL is None else padding_mask_BL.reshape(B * L).astype(bool)
@@ -345,7 +356,7 @@ class MoeLayer(nnx.Module):
     X = sharding.mesh_axis_size(mesh, sharding.EXPERT)
     token_shards = X * sharding.mesh_axis_size(mesh, sharding.DATA)
     _check_shapes(cfg, B * L, token_shards, X)
-    jitter, keep, inputs = self._random_inputs(B * L, train, mesh)
+    jitter, keep, inputs = self._random_inputs(cfg, B * L, train, mesh)
     inputs = self._state_inputs(inputs, token_ids_BL)
     weights = (self.router[...], self.wi[...].astype(dtype), self.wo[...].astype(dtype),
                None if self.wg is None else self.wg[...].astype(dtype))
@@ -369,7 +380,8 @@ class MoeLayer(nnx.Module):
     if self.shared is not None:
       with jax.named_scope("shared_experts"):
         y_BLM = y_BLM + self.shared(x_BLM, dtype=dtype, padding_mask_BL=padding_mask_BL)
-    return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics)
+    return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics,
+                         kept_GE=stats.kept_GE)
 
   def _state_inputs(self, inputs: RouterInputs, token_ids_BL) -> RouterInputs:
     """Adds the balancing bias, the hash table and the token ids the family reads."""
@@ -386,14 +398,14 @@ class MoeLayer(nnx.Module):
       changes["scale"] = self.router_scale[...].astype(jnp.float32)
     return dataclasses.replace(inputs, **changes)
 
-  def _random_inputs(self, num_tokens: int, train: bool, mesh):
+  def _random_inputs(self, cfg: MoeConfig, num_tokens: int, train: bool, mesh):
     """Router jitter, the expert-dropout mask and the router family's random inputs for one call.
 
     Drawn in the global view with the layouts the per-device body uses (threefry is
     partitionable), so every device gets its slice of the same numbers under any mesh and the
     sharded layer stays equal to the single-device layer in training too.
     """
-    cfg, router = self.config, self.config.router
+    router = cfg.router
     if not train or self.rngs is None:
       return None, None, RouterInputs()
     specs = _specs(mesh)

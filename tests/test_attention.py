@@ -86,13 +86,29 @@ def test_attention_impl_reaches_dot_product_attention():
   """"cudnn" is passed to JAX: on a machine without an NVIDIA GPU, XLA refuses it."""
   config = _config(attention_impl="cudnn", dtype="bfloat16")
   assert Attention(config, rngs=nnx.Rngs(0)).implementation == "cudnn"
-  assert Attention(_config(), rngs=nnx.Rngs(0)).implementation is None
-  assert AttentionImpl.XLA.jax_name == "xla"
+  on_gpu = jax.default_backend() == "gpu"
+  assert Attention(_config(), rngs=nnx.Rngs(0)).implementation == "xla"  # float32: XLA anywhere
+  assert Attention(_config(dtype="bfloat16"), rngs=nnx.Rngs(0)).implementation == (
+      "cudnn" if on_gpu else "xla")
   if jax.default_backend() == "gpu":
     pytest.skip("a GPU may run cuDNN attention; the refusal is a CPU fact")
   layer = Attention(config, rngs=nnx.Rngs(0))
   with pytest.raises(Exception, match="(?i)cudnn|gpu|cuda"):
     layer(jnp.ones((1, 8, M), jnp.bfloat16), None)
+
+
+@pytest.mark.parametrize("platform, dtype, head_dim, expected", [
+    ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.bfloat16, 128, "cudnn"),
+    ("gpu", jnp.float32, 64, "xla"), ("gpu", jnp.bfloat16, 160, "xla"),
+    ("gpu", jnp.bfloat16, 36, "xla"), ("cpu", jnp.bfloat16, 64, "xla"),
+    ("tpu", jnp.bfloat16, 64, "xla"),
+])
+def test_auto_runs_cudnn_on_gpus_in_bfloat16(platform, dtype, head_dim, expected):
+  resolved = attention_lib.resolve_impl(AttentionImpl.AUTO, dtype=dtype, head_dim=head_dim,
+                                        platform=platform)
+  assert resolved.value == expected
+  assert attention_lib.resolve_impl(AttentionImpl.XLA, dtype=dtype, head_dim=head_dim,
+                                    platform=platform) is AttentionImpl.XLA
 
 
 def test_attention_impl_is_validated():
