@@ -16,7 +16,7 @@ token and forward pass (a multiply-add is 2 FLOPs):
 
 and a training step as three forward passes (the backward pass costs two: gradients with respect
 to activations and to weights). Norms, softmax, RoPE, activations and the optimizer are left out;
-they are a few percent at most. `peak_flops_per_device` gives the denominator (moejax/device_peak.py).
+they are a few percent at most. moejax/device_peak.py gives the denominator.
 """
 
 from __future__ import annotations
