@@ -50,7 +50,7 @@ class GroupedMatmulImpl(enum.Enum):
 
 # What `auto` runs on each platform. CPU: the portable loop (ragged_dot is a dense masked matmul
 # over all groups there, ~E times the FLOPs). TPU: ragged_dot, which XLA:TPU lowers to a grouped
-# kernel. GPU: ragged_dot, as measured on one H100 (benchmarks/grouped_matmul.py, docs/benchmarks.md):
+# kernel. GPU: ragged_dot, measured on one H100 (benchmarks/grouped_matmul.py, docs/benchmarks.md):
 # 6.1x a dense FFN's time against the portable loop's 9.2x in float32, 7.9x against 9.3x in bfloat16
 # (both far behind the index form's 1.4-1.6x there).
 AUTO_IMPL = {
