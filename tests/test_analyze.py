@@ -90,6 +90,12 @@ def test_top_tokens_by_lift_equal_a_recount():
   assert [len(rows) for rows in statistics.top_tokens(counts, min_count=1, top=1)] == [1, 1, 1]
 
 
+def test_token_purity_equals_a_recount():
+  # Token 5: experts 0, 0, 0, 1 (3 at its most frequent); 6: 1, 1 (2); 7: 2 (1); 8: 2 (1).
+  counts = statistics.token_expert_counts(TOKENS, EXPERT_A, 3, 9)
+  assert statistics.token_purity(counts) == (3 + 2 + 1 + 1) / 8
+
+
 def test_class_shares_equal_a_recount():
   counts = statistics.token_expert_counts(TOKENS, EXPERT_A, 3, 9)
   shares, overall = statistics.class_shares(counts, CLASSES_VC)
@@ -124,6 +130,7 @@ def test_summary_of_two_layers():
   assert a["top_tokens"][0] == [{"token": 5, "count": 3, "expert_share": 1.0,
                                  "corpus_share": 0.5, "lift": 2.0, "text": "t5"}]
   assert a["class_shares_all"] == [0.5, 0.375]
+  assert a["token_purity"] == 7 / 8
   assert [(p["from"], p["to"], p["same"]) for p in result["persistence"]] == [
       ("layer_1", "layer_3", 5)]
   json.dumps(result, allow_nan=False)  # JSON-ready
@@ -238,11 +245,14 @@ def test_record_routing_returns_the_routers_choice_and_changes_nothing_else():
 
 
 def _init_config(**changes):
-  """Every kind of parameter: attention, dense and MoE FFNs (swiglu), shared experts, unembed."""
-  moe = MoeConfig(router=RouterConfig(kind="switch", num_experts=4), ffn_dim=16, group_size=8,
+  """Every kind of parameter: attention, dense and MoE FFNs (swiglu), shared experts, unembed.
+
+  Most matrices share one shape (8, 8): eager initialisation compiles once per shape.
+  """
+  moe = MoeConfig(router=RouterConfig(kind="switch", num_experts=8), ffn_dim=8, group_size=8,
                   activation="swiglu", shared_ffn_dim=8)
-  return ModelConfig(vocab_size=50, num_layers=2, model_dim=16, num_heads=2, head_dim=8,
-                     ffn_dim=32, activation="swiglu", moe_every=2, moe=moe, tie_embeddings=False,
+  return ModelConfig(vocab_size=8, num_layers=2, model_dim=8, num_heads=2, head_dim=4,
+                     ffn_dim=8, activation="swiglu", moe_every=2, moe=moe, tie_embeddings=False,
                      **changes)
 
 

@@ -103,7 +103,10 @@ def markdown(result: dict[str, Any], figure_names: list[str]) -> str:
       f"{result['tokenizer']} tokenizer). Made by `{result['command']}`.", "",
       "Counts are of the router's assignments before the capacity limit (each token counts "
       f"{K} time(s) per layer); lift = P(token | expert) / P(token) over the analysed tokens, "
-      f"for tokens an expert got at least {result['min_count']} times. Token classes are defined "
+      f"for tokens an expert got at least {result['min_count']} times; its largest value, "
+      "1 / P(expert), means the expert got every occurrence of the token. Token purity: the "
+      "share of assignments that go to their token id's most frequent expert (1: the expert is "
+      "a function of the token id). Token classes are defined "
       "in moejax/analysis/token_classes.py. Numbers: "
       f"[{JSON_FILE}]({JSON_FILE}).", ""]
   for name, layer in result["layers"].items():
@@ -111,7 +114,7 @@ def markdown(result: dict[str, Any], figure_names: list[str]) -> str:
     total = max(sum(assignments), 1)
     lines += [f"## {name}", "",
               f"Dropped tokens (no assignment kept): {layer['dropped_tokens']:,} of "
-              f"{result['tokens']:,}.", ""]
+              f"{result['tokens']:,}. Token purity: {_percent(layer['token_purity'])}.", ""]
     if f"{name}_load.png" in figure_names:
       lines += [f"![{name} load]({name}_load.png)", ""]
     lines += ["| expert | share | top tokens by lift (count, lift) |", "|---|---|---|"]

@@ -9,9 +9,10 @@ assignments per token:
     keep_NK      bool: that assignment was carried out (it fit in capacity)
 
 Counting unit: an *assignment*, the router's choice before the capacity limit. A token counts
-once per assignment (K times in all; once for top-1), whether or not capacity kept it, so the
-numbers describe what the router prefers; how many of those were dropped is counted apart
-(`dropped_tokens`, `dropped_assignments_E`).
+once per assignment (K times in all; once for top-1), whether or not it was carried out (capacity,
+GShard's second-expert policy), so the numbers describe what the router prefers; how many were
+not carried out is counted apart (`dropped_tokens`: tokens none of whose assignments was carried
+out; `dropped_assignments`: per expert).
 
     expert_assignments_E    assignments per expert (sums to N * K)
     load_by_position_EP     assignments per expert and position bucket (P buckets of equal width
@@ -22,6 +23,9 @@ numbers describe what the router prefers; how many of those were dropped is coun
                             count(token, expert) / count(expert) and P(token) =
                             count(token) / (N * K), over the analysed tokens; only tokens with
                             count(token, expert) >= min_count
+    token_purity            the share of assignments that go to their token id's most frequent
+                            expert: 1.0 when the expert is a function of the token id alone,
+                            1/E when routing ignores the token id (in a uniform way)
     class_shares_EC         per expert, the share of its assignments whose token is in each class
                             (token_classes.py); the same over all assignments is the baseline
     persistence             between two MoE layers: how often a token's first choice in the later
@@ -91,6 +95,13 @@ def top_tokens(counts_VE: np.ndarray, *, min_count: int, top: int) -> list[list[
   return out
 
 
+def token_purity(counts_VE: np.ndarray) -> float:
+  """Share of the assignments that go to their token id's most frequent expert."""
+  counts_VE = np.asarray(counts_VE)
+  total = counts_VE.sum()
+  return float(counts_VE.max(axis=1).sum() / total) if total else float("nan")
+
+
 def class_shares(counts_VE: np.ndarray, classes_VC: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
   """((E, C) share of each expert's assignments in each class, (C,) the share over all).
@@ -139,6 +150,7 @@ def layer_statistics(tokens_N: np.ndarray, positions_N: np.ndarray, expert_NK: n
       "load_by_position": load_by_position(expert_NK, positions_N, num_experts, seq_len,
                                            num_buckets).tolist(),
       "top_tokens": top_tokens(counts_VE, min_count=min_count, top=top),
+      "token_purity": token_purity(counts_VE),
       "class_shares": [[_finite_or_none(x) for x in row] for row in shares_EC],
       "class_shares_all": [float(x) for x in overall_C],
   }
