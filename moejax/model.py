@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from moejax import init_scale as init_scale_lib
 from moejax import sharding, typed_config
 from moejax.attention import Attention, AttentionImpl, KvCache, padding_mask
 from moejax.moe import Activation, MoeAux, MoeConfig, MoeLayer, parse_dtype
@@ -88,6 +89,9 @@ class ModelConfig:
     attention_impl: the implementation of `jax.nn.dot_product_attention`: "auto" (cuDNN on
       NVIDIA GPUs in bfloat16, else XLA), "xla", or "cudnn" (fused flash attention on NVIDIA
       GPUs; needs dtype="bfloat16"). See moejax/attention.py.
+    init_scale: s, multiplying the variance of every weight matrix initialised by variance
+      scaling (Switch Transformer Sec. 2.3: 0.1 cuts the spread over seeds); 1.0 is the usual
+      initialisation. Which parameters it scales: moejax/init_scale.py.
   """
 
   PATH: ClassVar[str] = "model"
@@ -110,6 +114,7 @@ class ModelConfig:
   objective: Objective = Objective.CAUSAL_LM
   masked_lm: MaskedLmConfig | None = None
   attention_impl: AttentionImpl = AttentionImpl.AUTO
+  init_scale: float = 1.0
 
   def __post_init__(self):
     typed_config.check_fields(self)
@@ -131,6 +136,8 @@ class ModelConfig:
       fail("dropout_rate", "must be in [0, 1).")
     if not self.rope_base > 1.0:
       fail("rope_base", "must be a number > 1.")
+    if not self.init_scale > 0.0:
+      fail("init_scale", "must be a finite number > 0 (1.0: the usual initialisation).")
     if self.attention_impl is AttentionImpl.CUDNN and self.dtype != "bfloat16":
       fail("attention_impl", f"needs model.dtype='bfloat16' (cuDNN's fused attention takes "
            f"16-bit inputs; model.dtype={self.dtype!r}); choose 'auto' or 'xla' for "
@@ -345,6 +352,7 @@ class Transformer(nnx.Module):
     if not config.tie_embeddings:
       init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
       self.unembed = sharding.param(init(rngs.params(), (M, V), pdt), ("embed", "vocab"))
+    init_scale_lib.rescale(self, config.init_scale)
 
   def __call__(self, inputs_BL: jax.Array, *, mask_BL: jax.Array | None = None,
                train: bool = False, routing_group_size: int | None = None

@@ -156,6 +156,9 @@ class MoeAux:
   # (G, E) per routing group: the assignments each expert kept. With groups of one token
   # (`group_size=1`, as in decoding) row t counts the experts token t took (0 or 1 each).
   kept_GE: jax.Array | None = None
+  # Only when the layer's `record_routing` is set: the decision's "expert_index_GSK" (int32) and
+  # "keep_GSK" (bool), groups in token order (G * S = B * L); moejax/analysis reads them.
+  routing: dict[str, jax.Array] | None = None
 
 
 # ----------------------------------------------------------------------------- per-device body
@@ -168,8 +171,9 @@ _TOKEN_INPUTS = ("uniform_GS", "normal_GSE", "uniform_GSE", "token_ids_GS")
 
 def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router_MX, wi_EMF,
                 wo_EFM, wg_EMF, *, config: MoeConfig, train: bool, expert_axis: str | None = None,
-                model_axis: str | None = None):
-  """The MoE layer on one device's tokens. Returns y_TM and per-group RoutingStats.
+                model_axis: str | None = None, record_routing: bool = False):
+  """The MoE layer on one device's tokens. Returns y_TM and (per-group RoutingStats, the
+  decision's expert indices and keep flags when `record_routing`, else None).
 
   Non-finite tokens (see `_router_logits`) are not routed; a real one's output is NaN, a padded
   one's is zero like any padding's.
@@ -195,7 +199,9 @@ def _moe_tokens(x_TM, mask_T, jitter_TM, keep_EGCF, inputs: RouterInputs, router
     # cotangent its output gets.
     poisoned_GS = ~finite_GS if mask_T is None else ~finite_GS & mask_T.reshape(G, S)
     y_GSM = jnp.where(poisoned_GS[..., None], jnp.asarray(jnp.nan, y_GSM.dtype), y_GSM)
-  return y_GSM.reshape(T, M).astype(x_TM.dtype), stats
+  routing_GS = ({"expert_index_GSK": decision.expert_index_GSK, "keep_GSK": decision.keep_GSK}
+                if record_routing else None)
+  return y_GSM.reshape(T, M).astype(x_TM.dtype), (stats, routing_GS)
 
 
 def _capacity_experts(decision, x_GSM, keep_EGCF, wi_EMF, wo_EFM, wg_EMF, *, config: MoeConfig,
@@ -328,6 +334,8 @@ class MoeLayer(nnx.Module):
     needs_rng = (config.router.jitter_eps > 0 or config.expert_dropout > 0 or
                  bool(config.router.family.random_inputs(config.router)))
     self.rngs = rngs.fork() if needs_rng else None
+    # Set to True to get the routing decision in MoeAux.routing (off: nothing changes).
+    self.record_routing = False
 
   def __call__(self, x_BLM: jax.Array, *, padding_mask_BL: jax.Array | None = None,
                token_ids_BL: jax.Array | None = None, train: bool = False,
@@ -362,9 +370,10 @@ class MoeLayer(nnx.Module):
                None if self.wg is None else self.wg[...].astype(dtype))
     args = (x_TM, mask_T, jitter, keep, inputs, *weights)
     if mesh.empty:
-      y_TM, stats = _moe_tokens(*args, config=cfg, train=train)
+      y_TM, (stats, routing_GS) = _moe_tokens(*args, config=cfg, train=train,
+                                              record_routing=self.record_routing)
     else:
-      y_TM, stats = _sharded(cfg, train, mesh)(*args)
+      y_TM, (stats, routing_GS) = _sharded(cfg, train, mesh, self.record_routing)(*args)
     losses, metrics = stats.summarize()
     aux_loss = routing.aux_loss(cfg.router, losses)
     if self.balance_bias is not None:
@@ -381,7 +390,7 @@ class MoeLayer(nnx.Module):
       with jax.named_scope("shared_experts"):
         y_BLM = y_BLM + self.shared(x_BLM, dtype=dtype, padding_mask_BL=padding_mask_BL)
     return y_BLM, MoeAux(aux_loss=aux_loss, losses=losses, metrics=metrics,
-                         kept_GE=stats.kept_GE)
+                         kept_GE=stats.kept_GE, routing=routing_GS)
 
   def _state_inputs(self, inputs: RouterInputs, token_ids_BL) -> RouterInputs:
     """Adds the balancing bias, the hash table and the token ids the family reads."""
@@ -473,7 +482,7 @@ def _reshard(a, spec):
   return jax.reshard(a, spec)
 
 
-def _sharded(cfg: MoeConfig, train: bool, mesh):
+def _sharded(cfg: MoeConfig, train: bool, mesh, record_routing: bool = False):
   """The per-device body wrapped in shard_map over the context mesh."""
   names = set(mesh.axis_names)
   expert_axis = sharding.EXPERT if sharding.EXPERT in names else None
@@ -481,7 +490,7 @@ def _sharded(cfg: MoeConfig, train: bool, mesh):
   specs = _specs(mesh)
   tokens = specs["tokens"]
   body = functools.partial(_moe_tokens, config=cfg, train=train, expert_axis=expert_axis,
-                           model_axis=model_axis)
+                           model_axis=model_axis, record_routing=record_routing)
 
   def run(x, mask, jitter, keep, inputs, router_w, wi, wo, wg):
     args = (x, mask, jitter, keep, inputs, router_w, wi, wo, wg)
@@ -493,7 +502,8 @@ def _sharded(cfg: MoeConfig, train: bool, mesh):
     in_specs = tuple(None if a is None else r for a, r in zip(args, roles))
     # A no-op when the inputs already have these layouts (the model's sharding rules give them).
     args = tuple(a if a is None else _reshard(a, s) for a, s in zip(args, in_specs))
-    # Every leaf of the stats has a leading group axis, split like the tokens.
+    # Every leaf of the stats (and of the recorded routing) has a leading group axis, split like
+    # the tokens.
     fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tokens, tokens))
     return fn(*args)
 

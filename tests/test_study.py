@@ -311,7 +311,7 @@ def study_jobs(request, tmp_path_factory):
 def test_every_study_validates_with_three_seeds_and_documents_its_command(study_jobs):
   name, study, jobs = study_jobs
   assert name in ("compare", "routers", "num_experts", "capacity_factor", "precision",
-                  "balancing", "ptb")
+                  "init_scale", "balancing", "ptb")
   for run in study.runs:
     assert len(study.seeds_of(run)) >= 3, (name, run.name)
   doc = importlib.import_module(f"experiments.studies.{name}").__doc__
