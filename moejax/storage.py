@@ -9,7 +9,8 @@ Storage differ from files in three ways that matter to moejax:
 * An object cannot grow. gcsfs opens an object in append mode by silently starting it over, and
   what is written becomes visible only when the file is closed. `open_append` therefore keeps
   an object's whole content in a local temporary file and uploads it whole: at most every
-  `UPLOAD_EVERY_SECONDS` while being written to, and at every `flush()` and at `close()`. A
+  $MOEJAX_UPLOAD_EVERY_SECONDS (default 10) while being written to, and at every `flush()` and
+  at `close()`. A
   process killed between uploads loses what it wrote since the last one; the trainer flushes its
   metric writers before every checkpoint, so a resumed run finds every step up to its checkpoint.
 * There are no file locks, but an upload can be made conditional on the object not existing
@@ -29,7 +30,23 @@ from typing import Protocol
 
 from etils import epath
 
-UPLOAD_EVERY_SECONDS = 10.0
+UPLOAD_EVERY_VARIABLE = "MOEJAX_UPLOAD_EVERY_SECONDS"
+UPLOAD_EVERY_DEFAULT = 10.0
+
+
+def upload_every_seconds() -> float:
+  """How often an appended object is uploaded while written to: $MOEJAX_UPLOAD_EVERY_SECONDS,
+  default 10 (each upload sends the whole file: more often costs more requests and bytes)."""
+  text = os.environ.get(UPLOAD_EVERY_VARIABLE, "")
+  if not text:
+    return UPLOAD_EVERY_DEFAULT
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not value >= 0:  # also NaN
+    raise ValueError(f"{UPLOAD_EVERY_VARIABLE}={text!r} must be a number of seconds >= 0.")
+  return value
 
 
 def is_object_store(path: str | os.PathLike) -> bool:
@@ -109,13 +126,15 @@ class AppendFile(Protocol):
     ...
 
 
-def open_append(path: str | os.PathLike,
-                upload_every: float = UPLOAD_EVERY_SECONDS) -> AppendFile:
+def open_append(path: str | os.PathLike, upload_every: float | None = None) -> AppendFile:
   """`path` opened for appending bytes, created when missing (see the module docstring).
 
-  A local file is unbuffered: each write reaches the operating system at once (`tail -f`).
+  A local file is unbuffered: each write reaches the operating system at once (`tail -f`). An
+  object is uploaded every `upload_every` seconds (None: `upload_every_seconds()`).
   """
   if is_object_store(path):
+    if upload_every is None:
+      upload_every = upload_every_seconds()
     return ObjectAppender(epath.Path(path), upload_every=upload_every)
   return open(os.fspath(path), "ab", buffering=0)  # pylint: disable=consider-using-with
 
@@ -128,7 +147,7 @@ class ObjectAppender:
   every write); `flush` and `close` upload what changed since.
   """
 
-  def __init__(self, path: epath.Path, *, upload_every: float = UPLOAD_EVERY_SECONDS):
+  def __init__(self, path: epath.Path, *, upload_every: float = UPLOAD_EVERY_DEFAULT):
     self.path = path
     self._upload_every = upload_every
     self._local = tempfile.TemporaryFile()  # pylint: disable=consider-using-with

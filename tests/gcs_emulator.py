@@ -45,14 +45,14 @@ def _generation_of(storage, bucket: str, name: str) -> str:
 
 
 def _install_cloud_storage_behaviours() -> None:
-  """Adds the two behaviours named in the module docstring to the emulator's handlers (before
-  its server module copies them into its routing table)."""
+  """Adds the generation header and the upload preconditions (module docstring) to the
+  emulator's handlers, before its server module copies them into its routing table."""
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   download, insert = objects.download, objects.insert
 
   def download_with_generation(request, response, storage, *args, **kwargs):
     download(request, response, storage, *args, **kwargs)
-    if response.status == http.HTTPStatus.OK or response.status == http.HTTPStatus.PARTIAL_CONTENT:
+    if response.status in (http.HTTPStatus.OK, http.HTTPStatus.PARTIAL_CONTENT):
       response["x-goog-generation"] = _generation_of(
           storage, request.params["bucket_name"], request.params["object_id"])
 
@@ -81,8 +81,9 @@ def _add_move(server) -> None:
   def move(request, response, storage, *args, **kwargs):
     bucket, source = request.params["bucket_name"], request.params["object_id"]
     try:
-      moved = objects._copy(request.base_url, storage, bucket, source, bucket,  # pylint: disable=protected-access
-                            request.params["dest_object_id"])
+      copy = objects._copy  # pylint: disable=protected-access
+      moved = copy(request.base_url, storage, bucket, source, bucket,
+                   request.params["dest_object_id"])
       storage.delete_file(bucket, source)
     except NotFound:
       response.status = http.HTTPStatus.NOT_FOUND
