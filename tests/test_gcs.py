@@ -181,6 +181,26 @@ def test_checkpoints_on_gcs_restore_and_a_damaged_one_is_set_aside(gcs_dir):
   assert not any(p.startswith("checkpoints/2/") for p in _objects(gcs_dir))
 
 
+def test_an_unfinished_checkpoint_on_gcs_is_ignored_and_saved_again(gcs_dir):
+  """A save killed midway leaves a step folder without commit_success.txt (Orbax writes in place
+  on Cloud Storage): it is not a checkpoint, and the step can be saved again over it."""
+  tree = {"w": jnp.ones(4)}
+  saver = checkpoint.Checkpointer(gcs_dir / "checkpoints")
+  saver.save(1, tree)
+  saver.close()
+  (gcs_dir / "checkpoints" / "2" / "state" / "d").mkdir(parents=True, exist_ok=True)
+  (gcs_dir / "checkpoints" / "2" / "state" / "d" / "partial").write_text("cut short")
+  saver = checkpoint.Checkpointer(gcs_dir / "checkpoints")
+  assert saver.all_steps() == [1]
+  saver.save(2, {"w": tree["w"] * 2})
+  saver.close()
+  reader = checkpoint.Checkpointer(gcs_dir / "checkpoints")
+  step, restored = reader.restore_latest(checkpoint.abstract_like(tree))
+  reader.close()
+  assert step == 2
+  np.testing.assert_array_equal(restored["w"], 2 * np.ones(4))
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
