@@ -23,6 +23,7 @@ Storage differ from files in three ways that matter to moejax:
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import tempfile
 import time
@@ -111,6 +112,17 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
   import fsspec  # pylint: disable=g-import-not-at-top  (installed with gcsfs)
   file_system, _ = fsspec.core.url_to_fs(os.fspath(source))
   file_system.mv(os.fspath(source), os.fspath(target), recursive=True)
+
+
+def upload_tree(local: str | os.PathLike, target: epath.Path) -> None:
+  """Copies the local folder `local`'s files into the folder `target` (an object store or a
+  local path), keeping their relative paths and replacing files of the same name."""
+  local = pathlib.Path(local)
+  for source in sorted(p for p in local.rglob("*") if p.is_file()):
+    destination = target / source.relative_to(local).as_posix()
+    if not is_object_store(target):
+      destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_bytes(source.read_bytes())
 
 
 class AppendFile(Protocol):

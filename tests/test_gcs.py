@@ -23,6 +23,7 @@ from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
 from moejax import checkpoint, lock, metrics, storage
+from moejax.profiler import StepProfiler
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "moejax-test"
 
@@ -199,6 +200,18 @@ def test_an_unfinished_checkpoint_on_gcs_is_ignored_and_saved_again(gcs_dir):
   reader.close()
   assert step == 2
   np.testing.assert_array_equal(restored["w"], 2 * np.ones(4))
+
+
+def test_a_profile_trace_reaches_a_gcs_workdir(gcs_dir):
+  """jaxlib writes traces with its own Cloud Storage client, which cannot be pointed at another
+  endpoint; moejax traces to a local folder and uploads it (here: to the emulator)."""
+  profiler = StepProfiler(gcs_dir / "tensorboard", first_step=1, start_step=2, steps=1)
+  profiler.before(2)
+  result = jnp.arange(1000.0) @ jnp.arange(1000.0)
+  profiler.after(2, result)
+  traces = [p for p in _objects(gcs_dir) if p.endswith(".xplane.pb")]
+  assert len(traces) == 1 and traces[0].startswith("tensorboard/plugins/profile/")
+  assert (gcs_dir / traces[0]).stat().length > 0
 
 
 # ----------------------------------------------------------------------------- the trainer
