@@ -1,7 +1,7 @@
 """Writing the workdir's files on a local file system or on an object store (`gs://...`).
 
 A run's workdir may be a local (or NFS) directory or a Cloud Storage path. Objects in Cloud
-Storage differ from files in three ways that matter to moejax:
+Storage differ from files in four ways that matter to moejax:
 
 * An object is written whole, and a new version replaces the old one whole: readers see the old
   content or the new, never a part. So replacing a file atomically needs no temporary file and
@@ -10,14 +10,15 @@ Storage differ from files in three ways that matter to moejax:
   what is written becomes visible only when the file is closed. `open_append` therefore keeps
   an object's whole content in a local temporary file and uploads it whole: at most every
   $MOEJAX_UPLOAD_EVERY_SECONDS (default 10) while being written to, and at every `flush()` and
-  at `close()`. A
-  process killed between uploads loses what it wrote since the last one; the trainer flushes its
-  metric writers before every checkpoint, so a resumed run finds every step up to its checkpoint.
+  at `close()`. A process killed between uploads loses what it wrote since the last one; the
+  trainer flushes its metric writers before every checkpoint, so a resumed run finds every step
+  up to its checkpoint.
 * There are no file locks, but an upload can be made conditional on the object not existing
   (`create_exclusive`): of several processes that try at once, exactly one succeeds.
 * There are no directories, only names with slashes: a "directory" exists while an object is
   named under it, and moving one moves each object (`move_tree`: a copy and a delete per object,
-  not atomic, where a local rename is).
+  not atomic, where a local rename is). Files made elsewhere arrive the same way, one object
+  each (`upload_tree`).
 """
 
 from __future__ import annotations
