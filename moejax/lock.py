@@ -11,12 +11,14 @@ depends on where the workdir is:
 * A local or NFS directory: the holder keeps an `fcntl.flock` on the file. The kernel drops it
   when the holding process ends, however it ends (SIGKILL and out-of-memory kills included), so
   a lock left by a killed run never blocks a restart. Only the holder's name comes from the file.
-* An object store (gs://...), which has no locks: the file's existence is the lock, best effort.
-  A lock whose holder ran on this host and no longer runs (by its pid and that process's start
-  time, so that a reused pid does not count) is stale and taken over. A holder on another host
+* An object store (gs://...), which has no locks: the file's existence is the lock. It is
+  created with an upload conditional on its absence (`storage.create_exclusive`; Cloud Storage's
+  `ifGenerationMatch=0`), so of two runs that start at the same moment exactly one gets it.
+  A process that is killed cannot remove the file: a lock whose holder ran on this host and no
+  longer runs (by its pid and that process's start time, so that a reused pid does not count) is
+  stale and taken over (deleted, then created again the same way). A holder on another host
   cannot be checked from here: the message says so and names the file to delete once that run
-  is known to be gone. Two runs that start within the same moment can both believe they hold it
-  (there is no atomic create-if-absent); each checks that the file names it after writing.
+  is known to be gone.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import fcntl
 import numpy as np
 from absl import logging
 from etils import epath
+
+from moejax import storage
 
 LOCK_FILE = "run.lock"
 # Errors of flock on file systems that do not support it: fall back to the lock record.
@@ -142,20 +146,24 @@ class WorkdirLock:
     return True
 
   def _acquire_record(self, record: dict[str, Any]) -> None:
-    """The lock as a file alone (object stores): free when absent or left by a dead process."""
-    if self.path.exists():
-      holder = _read_record(self.path)
-      running = _is_running(holder) if holder else None
-      if holder is not None and running is False:
+    """The lock as a file alone (object stores): free when absent, empty or left by a dead
+    process. It is only ever created if absent, so of two runs starting together one fails."""
+    text = json.dumps(record)
+    if storage.create_exclusive(self.path, text):
+      self._record = record
+      return
+    holder = _read_record(self.path)
+    running = _is_running(holder) if holder else None
+    if (holder is None and not _lock_text(self.path).strip()) or running is False:
+      if running is False:
         logging.warning("%s: taking over the lock of a run that no longer runs (%s, pid %s).",
                         self.path, holder.get("host"), holder.get("pid"))
-      elif holder is not None or self.path.read_text().strip():
-        raise WorkdirLockedError(_held_message(self.path, holder, running, deletable=True))
-    self.path.write_text(json.dumps(record))
-    if _read_record(self.path) != record:  # another run wrote it at the same moment
-      raise WorkdirLockedError(_held_message(self.path, _read_record(self.path), None,
-                                             deletable=False))
-    self._record = record
+      self.path.unlink(missing_ok=True)
+      if storage.create_exclusive(self.path, text):
+        self._record = record
+        return
+      holder, running = _read_record(self.path), None  # another run took it first
+    raise WorkdirLockedError(_held_message(self.path, holder, running, deletable=True))
 
 
 def _this_process() -> dict[str, Any]:
@@ -175,6 +183,14 @@ def _read_record(path: epath.Path) -> dict[str, Any] | None:
   except (OSError, ValueError):
     return None
   return record if isinstance(record, dict) else None
+
+
+def _lock_text(path: epath.Path) -> str:
+  """The lock file's text; empty when it is gone."""
+  try:
+    return path.read_text()
+  except FileNotFoundError:
+    return ""
 
 
 def _boot_id() -> str | None:

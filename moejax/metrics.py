@@ -8,12 +8,14 @@ load (E,). `flatten_metrics` turns the tree into flat scalar names,
 
 which every writer records under the step:
 
-* `TensorBoardWriter`: real event files (`events.out.tfevents.*`) written with TensorBoard's own
-  `EventFileWriter`, no TensorFlow needed; view them with
+* `TensorBoardWriter`: real event files (`events.out.tfevents.*`) in TensorBoard's record format,
+  written with TensorBoard's own `RecordWriter`, no TensorFlow needed; view them with
   `.venv/bin/tensorboard --logdir WORKDIR/tensorboard`.
 * `JsonlWriter`: `metrics.jsonl`, one JSON object per logged step: {"step": 120, "train/loss": ...}.
 
 Only process 0 writes (`create_writers`); the other processes get a writer that does nothing.
+Both append through `storage.open_append`, so they work on a gs:// workdir too: there the files
+are uploaded whole every few seconds and at every `flush()` (Cloud Storage objects cannot grow).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -30,7 +33,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from moejax import storage
 
 
 class MetricWriter(Protocol):
@@ -64,26 +69,42 @@ def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 
 class TensorBoardWriter:
-  """Scalar summaries in a TensorBoard event file under `logdir`.
+  """Scalar summaries in a new TensorBoard event file under `logdir`.
+
+  The file is named as TensorBoard's own writers name theirs
+  (`events.out.tfevents.<time>.<host>.<pid>.<n>`) and opens with the file-version event. Records
+  reach the file at each `write_scalars` (locally) or with the next upload (object stores, see
+  `storage.open_append`).
 
   `purge_from_step=s` (a run resumed from the checkpoint of step s - 1) first writes a session
   START event at step s, which tells TensorBoard to drop what earlier event files logged at steps
   >= s: the interrupted run's steps after its last checkpoint.
   """
 
+  _files_opened = 0  # the <n> in the file name: unique within this process
+
   def __init__(self, logdir: str | os.PathLike, purge_from_step: int | None = None):
-    self._writer = EventFileWriter(os.fspath(logdir), flush_secs=10)
+    logdir = epath.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{TensorBoardWriter._files_opened}")
+    TensorBoardWriter._files_opened += 1
+    self.path = logdir / name
+    self._writer = RecordWriter(storage.open_append(self.path))
+    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
     if purge_from_step is not None:
-      self._writer.add_event(event_pb2.Event(
+      self._add(event_pb2.Event(
           wall_time=time.time(), step=int(purge_from_step),
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
               for tag, v in scalars.items()]
-    event = event_pb2.Event(wall_time=time.time(), step=int(step),
-                            summary=summary_pb2.Summary(value=values))
-    self._writer.add_event(event)
+    self._add(event_pb2.Event(wall_time=time.time(), step=int(step),
+                              summary=summary_pb2.Summary(value=values)))
+
+  def _add(self, event: event_pb2.Event) -> None:
+    self._writer.write(event.SerializeToString())
 
   def flush(self) -> None:
     self._writer.flush()
@@ -99,9 +120,11 @@ class JsonlWriter:
   after its last checkpoint) are dropped first, so the file reads as one uninterrupted run. Opening
   also repairs what a killed run can leave: a last line cut short (the kill came while it was
   being written) is dropped, one that lacks only its newline gets it, and of records that name
-  the same step only the last is kept. The repaired file replaces the old one atomically (a new
-  file, then a rename), so a kill during the repair leaves the old file intact. Writing a step
-  that is not after the last logged one raises ValueError.
+  the same step only the last is kept. The repaired file replaces the old one atomically
+  (`storage.replace_text`), so a kill during the repair leaves the old file intact. Writing a
+  step that is not after the last logged one raises ValueError. Locally each record reaches the
+  file as it is written (readable with `tail -f` while the run goes on); on an object store with
+  the next upload (`storage.open_append`).
   """
 
   def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
@@ -117,9 +140,9 @@ class JsonlWriter:
         logging.warning("%s: dropping its last line, cut short by an interrupted run: %r",
                         self._path, partial[:80])
       if partial is not None or kept != records or (text and not text.endswith("\n")):
-        replace_text(self._path, "".join(json.dumps(r) + "\n" for r in kept))
+        storage.replace_text(self._path, "".join(json.dumps(r) + "\n" for r in kept))
       self._last_step = kept[-1]["step"] if kept else None
-    self._file = self._path.open("a")
+    self._file = storage.open_append(self._path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._last_step is not None and step <= self._last_step:
@@ -127,8 +150,7 @@ class JsonlWriter:
                        f"{self._last_step}; each step is logged once.")
     record = {"step": int(step)}
     record.update({k: _json_number(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()  # one line per logged step: readable (tail -f) while the run goes on
+    self._file.write((json.dumps(record) + "\n").encode())
     self._last_step = int(step)
 
   def flush(self) -> None:
@@ -172,34 +194,6 @@ def _parse_jsonl(text: str, path) -> tuple[list[dict[str, Any]], str | None]:
                        f"\"step\": {line[:80]!r}")
     records.append(record)
   return records, None
-
-
-def replace_text(path: epath.Path, text: str) -> None:
-  """Replaces the file `path` with `text` atomically: readers see the old or the new content.
-
-  The text goes to a temporary file beside `path`, which then takes its name (`epath`'s
-  replace: os.replace for local files; on GCS a copy and a delete, which replaces the object
-  whole). A file system without a rename gets `text` written in place instead.
-  """
-  temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
-  try:
-    with temporary.open("w") as f:
-      f.write(text)
-      f.flush()
-      try:
-        fd = f.fileno()
-      except (AttributeError, OSError, ValueError):  # not a local file
-        fd = None
-      if fd is not None:
-        os.fsync(fd)
-    try:
-      temporary.replace(path)
-    except NotImplementedError:
-      path.write_text(text)
-      temporary.unlink(missing_ok=True)
-  except BaseException:
-    temporary.unlink(missing_ok=True)
-    raise
 
 
 class MultiWriter:

@@ -507,6 +507,7 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
         divergence.check_finite_state(state.checkpoint_items(), step=step,
                                       checkpointer=checkpointer)
         timer.pause(wait_for=state)
+        writer.flush()  # metrics up to this checkpoint are stored before it is (object stores)
         checkpointer.save(step, state.checkpoint_items(), train_iter)
       timer.resume()
       if preempted:

