@@ -227,8 +227,9 @@ def test_a_save_that_fails_in_the_background_is_reported_once_before_the_next_sa
 
 
 def _records(workdir) -> dict[int, dict]:
-  """metrics.jsonl by step, throughput (timing, not results) left out."""
-  return {r["step"]: {k: v for k, v in r.items() if "tokens_per_sec" not in k}
+  """metrics.jsonl by step, throughput and FLOP/s (timing, not results) left out."""
+  return {r["step"]: {k: v for k, v in r.items()
+                      if "tokens_per_sec" not in k and not k.startswith("perf/")}
           for r in metrics.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")}
 
 

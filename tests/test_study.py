@@ -400,11 +400,12 @@ def test_a_study_killed_midway_resumes_without_rerunning_finished_runs(kill, tmp
 
 
 def _close(a, b, path=""):
-  """Equal structure; numbers within rtol 1e-3, timings (tokens/s, wall time) left out."""
+  """Equal structure; numbers within rtol 1e-3, timings (tokens/s, FLOP/s, wall time) left
+  out."""
   if isinstance(a, dict):
     assert sorted(a) == sorted(b), path
     for key in a:
-      if "tokens_per_sec" not in key and "wall_seconds" not in key:
+      if not any(word in key for word in ("tokens_per_sec", "wall_seconds", "perf/")):
         _close(a[key], b[key], f"{path}/{key}")
   elif isinstance(a, list):
     assert len(a) == len(b), path
