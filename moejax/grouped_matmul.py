@@ -140,72 +140,103 @@ def _pad_rows(a_RX, tile):
   return jnp.pad(a_RX, ((0, tile), (0, 0)))
 
 
-def _tile_loop(x_RM, w_EMN, group_sizes_E, tile: int, *, transposed: bool):
-  """The tiled grouped matmul: x @ w[e] per segment (x @ w[e]^T with `transposed`)."""
-  R = x_RM.shape[0]
-  E = w_EMN.shape[0]
+def _forward_loop(x_pad, w_EMN, group_sizes_E, tile: int, num_rows: int):
+  """y = x @ w[e] on segment e, tile by tile, one segment after another; zeros past the end.
+
+  x_pad holds the R = `num_rows` rows and `tile` rows more (`_pad_rows`). The output buffer
+  starts as zeros and each tile writes its rows in place. A tile that reaches past its
+  segment's end computes rows of the next segments, which their own tiles overwrite later;
+  input rows past the last segment are masked to zero, so the rows there stay zero.
+  """
+  R = num_rows
   starts_E, ends_E = _segments(group_sizes_E)
-  x_pad = _pad_rows(x_RM, tile)
-  out_col = (lambda w: w[:, 0]) if transposed else (lambda w: w[0, :])
   # Zeros varying over the mesh axes of x and w alike (the loop carry's type inside shard_map).
-  y_RN = (jnp.zeros_like(x_pad[:, :1]) + jnp.zeros_like(out_col(w_EMN[0]))[None, :])
-  y_RN = y_RN.astype(jnp.result_type(x_RM.dtype, w_EMN.dtype))
-  for e in range(E):
+  y_RN = (jnp.zeros_like(x_pad[:, :1]) + jnp.zeros_like(w_EMN[0, 0, :])[None, :])
+  y_RN = y_RN.astype(jnp.result_type(x_pad.dtype, w_EMN.dtype))
+  for e in range(w_EMN.shape[0]):
     w_MN = w_EMN[e]
     for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
       def body(i, y_RN, w_MN=w_MN, rows=rows, first=first):
         r0 = first + i * rows
         x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
-        y_tN = x_tM @ w_MN.T if transposed else x_tM @ w_MN
-        return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN.astype(y_RN.dtype), r0, axis=0)
+        live_t = r0 + jnp.arange(rows) < ends_E[-1]
+        x_tM = jnp.where(live_t[:, None], x_tM, jnp.zeros_like(x_tM))
+        y_tN = (x_tM @ w_MN).astype(y_RN.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN, r0, axis=0)
 
       y_RN = jax.lax.fori_loop(0, count, body, y_RN)
-  inside_R = jnp.arange(R) < ends_E[-1]
-  return jnp.where(inside_R[:, None], y_RN[:R], jnp.zeros_like(y_RN[:R]))
+  return y_RN[:R]
 
 
-def _weight_grad(x_RM, dy_RN, group_sizes_E, tile: int, num_groups: int, dtype):
-  """dW[e] = x[seg e]^T @ dy[seg e], accumulated in float32 over segment e's tiles."""
-  R = x_RM.shape[0]
+def _backward_loop(x_pad, w_EMN, group_sizes_E, dy_RN, tile: int):
+  """dx = dy @ w[e]^T on segment e and dW[e] = x[seg e]^T @ dy[seg e], in one pass over the tiles.
+
+  Each tile computes its rows of dx (written in place, as in `_forward_loop`) and adds its
+  contribution to dW[e], accumulated in float32. Of x's and dy's tiles, the narrower one is
+  transposed into a real copy, so that the weight gradient is a row-major matmul (the layout
+  trick of the index path's experts, moejax/experts.py): x^T @ dy when x is the narrower, else
+  dW[e]^T = dy^T @ x, transposed once per group at the end. dy's rows past the tile's segment
+  are masked to zero: they take no part in dW[e], and the dx rows they give are overwritten by
+  their own group's tiles or, past the last segment, stay zero. One loop carries dx and dW, so
+  the tiles run strictly one after another (see the module doc).
+  """
+  R = dy_RN.shape[0]
   starts_E, ends_E = _segments(group_sizes_E)
-  x_pad, dy_pad = _pad_rows(x_RM, tile), _pad_rows(dy_RN, tile)
-  zero_MN = (jnp.zeros_like(x_pad[0, :], jnp.float32)[:, None] +
-             jnp.zeros_like(dy_pad[0, :], jnp.float32)[None, :])
+  dy_pad = _pad_rows(dy_RN, tile)
+  M, N = x_pad.shape[1], dy_RN.shape[1]
+  x_narrower = M <= N
+  dx_RM = (jnp.zeros_like(dy_pad[:, :1]) + jnp.zeros_like(w_EMN[0, :, 0])[None, :])
+  dx_RM = dx_RM.astype(jnp.result_type(dy_RN.dtype, w_EMN.dtype))
+  zero_x = jnp.zeros_like(x_pad[0, :], jnp.float32)
+  zero_dy = jnp.zeros_like(dy_pad[0, :], jnp.float32)
+  zero_dw = (zero_x[:, None] + zero_dy[None, :] if x_narrower else
+             zero_dy[:, None] + zero_x[None, :])
   dws = []
-  for e in range(num_groups):
-    dw_MN = zero_MN
+  for e in range(w_EMN.shape[0]):
+    w_MN = w_EMN[e]
+    carry = (dx_RM, zero_dw)
     for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-      def body(i, dw_MN, e=e, rows=rows, first=first):
+      def body(i, carry, e=e, w_MN=w_MN, rows=rows, first=first):
+        dx_RM, dw = carry
         r0 = first + i * rows
         x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
         dy_tN = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows, axis=0)
-        # The last tile reaches into the next segments: their rows take no part in dW[e].
         inside_t = r0 + jnp.arange(rows) < ends_E[e]
-        x_tM = jnp.where(inside_t[:, None], x_tM, jnp.zeros_like(x_tM))
-        x_Mt = materialized_transpose(x_tM)
-        return dw_MN + jnp.matmul(x_Mt, dy_tN, preferred_element_type=jnp.float32)
+        dy_tN = jnp.where(inside_t[:, None], dy_tN, jnp.zeros_like(dy_tN))
+        if x_narrower:
+          dw = dw + jnp.matmul(materialized_transpose(x_tM), dy_tN,
+                               preferred_element_type=jnp.float32)
+        else:
+          dw = dw + jnp.matmul(materialized_transpose(dy_tN), x_tM,
+                               preferred_element_type=jnp.float32)
+        dx_tM = (dy_tN @ w_MN.T).astype(dx_RM.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(dx_RM, dx_tM, r0, axis=0), dw
 
-      dw_MN = jax.lax.fori_loop(0, count, body, dw_MN)
-    dws.append(dw_MN)
-  return jnp.stack(dws).astype(dtype)
+      carry = jax.lax.fori_loop(0, count, body, carry)
+    dx_RM, dw = carry
+    dws.append(dw if x_narrower else dw.T)
+  return dx_RM[:R], jnp.stack(dws).astype(w_EMN.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _portable(x_RM, w_EMN, group_sizes_E, tile):
-  return _tile_loop(x_RM, w_EMN, group_sizes_E, tile, transposed=False)
+  return _forward_loop(_pad_rows(x_RM, tile), w_EMN, group_sizes_E, tile, x_RM.shape[0])
 
 
 def _portable_fwd(x_RM, w_EMN, group_sizes_E, tile):
-  return _portable(x_RM, w_EMN, group_sizes_E, tile), (x_RM, w_EMN, group_sizes_E)
+  # The padded input is the residual, so the backward pass does not pad it again.
+  x_pad = _pad_rows(x_RM, tile)
+  y_RN = _forward_loop(x_pad, w_EMN, group_sizes_E, tile, x_RM.shape[0])
+  return y_RN, (x_pad, w_EMN, group_sizes_E)
 
 
 def _portable_bwd(tile, residuals, dy_RN):
-  x_RM, w_EMN, group_sizes_E = residuals
-  dx_RM = _tile_loop(dy_RN, w_EMN, group_sizes_E, tile, transposed=True).astype(x_RM.dtype)
-  dw_EMN = _weight_grad(x_RM, dy_RN, group_sizes_E, tile, w_EMN.shape[0], w_EMN.dtype)
-  return (sum_to_varying_axes_of(x_RM, dx_RM), sum_to_varying_axes_of(w_EMN, dw_EMN), None)
+  x_pad, w_EMN, group_sizes_E = residuals
+  dx_RM, dw_EMN = _backward_loop(x_pad, w_EMN, group_sizes_E, dy_RN, tile)
+  dx_RM = dx_RM.astype(x_pad.dtype)
+  return (sum_to_varying_axes_of(x_pad, dx_RM), sum_to_varying_axes_of(w_EMN, dw_EMN), None)
 
 
 _portable.defvjp(_portable_fwd, _portable_bwd)
