@@ -135,61 +135,75 @@ def _segments(group_sizes_E):
   return ends_E - group_sizes_E, ends_E
 
 
-def _pad_rows(a_RX, tile):
-  """a with `tile` zero rows appended, so a tile that starts at any row < R fits."""
-  return jnp.pad(a_RX, ((0, tile), (0, 0)))
+def _tile(first, i, rows: int, num_rows: int, start, end):
+  """Tile i of a piece: its first row and which of its rows it computes for the segment.
+
+  The tile covers rows [r, r + rows), r = first + i * rows, of the segment [start, end); one
+  that would reach past row R is moved back to end at R, and the rows it then shares with the
+  segment's earlier tiles (before r) are left to them, so every row counts once in dW.
+  """
+  r = first + i * rows
+  r0 = jnp.minimum(r, num_rows - rows)
+  row_t = r0 + jnp.arange(rows, dtype=r0.dtype)
+  return r0, (row_t >= jnp.maximum(start, r)) & (row_t < end)
 
 
-def _forward_loop(x_pad, w_EMN, group_sizes_E, tile: int, num_rows: int):
+def _write_rows(buf_RX, tile_tX, r0, inside_t):
+  """buf with the tile's rows inside its segment written at r0; its other rows left as they are.
+
+  Rows outside the segment belong to other groups (or to none): each group writes only its own
+  rows, so the tiles may reach over segment boundaries and the order of the writes is free.
+  """
+  old_tX = jax.lax.dynamic_slice_in_dim(buf_RX, r0, tile_tX.shape[0], axis=0)
+  new_tX = jnp.where(inside_t[:, None], tile_tX.astype(buf_RX.dtype), old_tX)
+  return jax.lax.dynamic_update_slice_in_dim(buf_RX, new_tX, r0, axis=0)
+
+
+def _zeros_rows(rows_like, cols_like, dtype):
+  """Zeros (R, X) varying over the mesh axes of both operands (a loop carry's type inside
+  shard_map)."""
+  return (jnp.zeros_like(rows_like[:, :1], dtype) + jnp.zeros_like(cols_like, dtype)[None, :])
+
+
+def _forward_loop(x_RM, w_EMN, group_sizes_E, tile: int):
   """y = x @ w[e] on segment e, tile by tile, one segment after another; zeros past the end.
 
-  x_pad holds the R = `num_rows` rows and `tile` rows more (`_pad_rows`). The output buffer
-  starts as zeros and each tile writes its rows in place. A tile that reaches past its
-  segment's end computes rows of the next segments, which their own tiles overwrite later;
-  input rows past the last segment are masked to zero, so the rows there stay zero.
+  The output starts as zeros and each tile writes the rows of its own segment (`_write_rows`).
   """
-  R = num_rows
+  R = x_RM.shape[0]
+  tile = min(tile, R)
   starts_E, ends_E = _segments(group_sizes_E)
-  # Zeros varying over the mesh axes of x and w alike (the loop carry's type inside shard_map).
-  y_RN = (jnp.zeros_like(x_pad[:, :1]) + jnp.zeros_like(w_EMN[0, 0, :])[None, :])
-  y_RN = y_RN.astype(jnp.result_type(x_pad.dtype, w_EMN.dtype))
+  y_RN = _zeros_rows(x_RM, w_EMN[0, 0, :], jnp.result_type(x_RM.dtype, w_EMN.dtype))
   for e in range(w_EMN.shape[0]):
     w_MN = w_EMN[e]
     for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-      def body(i, y_RN, w_MN=w_MN, rows=rows, first=first):
-        r0 = first + i * rows
-        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
-        live_t = r0 + jnp.arange(rows) < ends_E[-1]
-        x_tM = jnp.where(live_t[:, None], x_tM, jnp.zeros_like(x_tM))
-        y_tN = (x_tM @ w_MN).astype(y_RN.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN, r0, axis=0)
+      def body(i, y_RN, e=e, w_MN=w_MN, rows=rows, first=first):
+        r0, inside_t = _tile(first, i, rows, R, starts_E[e], ends_E[e])
+        x_tM = jax.lax.dynamic_slice_in_dim(x_RM, r0, rows, axis=0)
+        return _write_rows(y_RN, x_tM @ w_MN, r0, inside_t)
 
       y_RN = jax.lax.fori_loop(0, count, body, y_RN)
-  return y_RN[:R]
+  return y_RN
 
 
-def _backward_loop(x_pad, w_EMN, group_sizes_E, dy_RN, tile: int):
+def _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile: int):
   """dx = dy @ w[e]^T on segment e and dW[e] = x[seg e]^T @ dy[seg e], in one pass over the tiles.
 
-  Each tile computes its rows of dx (written in place, as in `_forward_loop`) and adds its
-  contribution to dW[e], accumulated in float32. Of x's and dy's tiles, the narrower one is
-  transposed into a real copy, so that the weight gradient is a row-major matmul (the layout
-  trick of the index path's experts, moejax/experts.py): x^T @ dy when x is the narrower, else
-  dW[e]^T = dy^T @ x, transposed once per group at the end. dy's rows past the tile's segment
-  are masked to zero: they take no part in dW[e], and the dx rows they give are overwritten by
-  their own group's tiles or, past the last segment, stay zero. One loop carries dx and dW, so
-  the tiles run strictly one after another (see the module doc).
+  Each tile writes its segment's rows of dx (as in `_forward_loop`) and adds its contribution to
+  dW[e], accumulated in float32, from x's and dy's rows masked to the segment. Of the two, the
+  narrower tile is transposed into a real copy, so that the weight gradient is a row-major matmul
+  (the layout trick of the index path's experts, moejax/experts.py): x^T @ dy when x is the
+  narrower, else dW[e]^T = dy^T @ x, transposed once per group at the end. One loop carries dx
+  and dW, so the tiles run strictly one after another (see the module doc).
   """
-  R = dy_RN.shape[0]
+  R = x_RM.shape[0]
+  tile = min(tile, R)
   starts_E, ends_E = _segments(group_sizes_E)
-  dy_pad = _pad_rows(dy_RN, tile)
-  M, N = x_pad.shape[1], dy_RN.shape[1]
-  x_narrower = M <= N
-  dx_RM = (jnp.zeros_like(dy_pad[:, :1]) + jnp.zeros_like(w_EMN[0, :, 0])[None, :])
-  dx_RM = dx_RM.astype(jnp.result_type(dy_RN.dtype, w_EMN.dtype))
-  zero_x = jnp.zeros_like(x_pad[0, :], jnp.float32)
-  zero_dy = jnp.zeros_like(dy_pad[0, :], jnp.float32)
+  x_narrower = x_RM.shape[1] <= dy_RN.shape[1]
+  dx_RM = _zeros_rows(dy_RN, w_EMN[0, :, 0], jnp.result_type(dy_RN.dtype, w_EMN.dtype))
+  zero_x = jnp.zeros_like(x_RM[0, :], jnp.float32)
+  zero_dy = jnp.zeros_like(dy_RN[0, :], jnp.float32)
   zero_dw = (zero_x[:, None] + zero_dy[None, :] if x_narrower else
              zero_dy[:, None] + zero_x[None, :])
   dws = []
@@ -200,43 +214,38 @@ def _backward_loop(x_pad, w_EMN, group_sizes_E, dy_RN, tile: int):
 
       def body(i, carry, e=e, w_MN=w_MN, rows=rows, first=first):
         dx_RM, dw = carry
-        r0 = first + i * rows
-        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
-        dy_tN = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows, axis=0)
-        inside_t = r0 + jnp.arange(rows) < ends_E[e]
-        dy_tN = jnp.where(inside_t[:, None], dy_tN, jnp.zeros_like(dy_tN))
+        r0, inside_t = _tile(first, i, rows, R, starts_E[e], ends_E[e])
+        mask = lambda a: jnp.where(inside_t[:, None], a, jnp.zeros_like(a))
+        x_tM = mask(jax.lax.dynamic_slice_in_dim(x_RM, r0, rows, axis=0))
+        dy_tN = mask(jax.lax.dynamic_slice_in_dim(dy_RN, r0, rows, axis=0))
         if x_narrower:
           dw = dw + jnp.matmul(materialized_transpose(x_tM), dy_tN,
                                preferred_element_type=jnp.float32)
         else:
           dw = dw + jnp.matmul(materialized_transpose(dy_tN), x_tM,
                                preferred_element_type=jnp.float32)
-        dx_tM = (dy_tN @ w_MN.T).astype(dx_RM.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(dx_RM, dx_tM, r0, axis=0), dw
+        return _write_rows(dx_RM, dy_tN @ w_MN.T, r0, inside_t), dw
 
       carry = jax.lax.fori_loop(0, count, body, carry)
     dx_RM, dw = carry
     dws.append(dw if x_narrower else dw.T)
-  return dx_RM[:R], jnp.stack(dws).astype(w_EMN.dtype)
+  return dx_RM, jnp.stack(dws).astype(w_EMN.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _portable(x_RM, w_EMN, group_sizes_E, tile):
-  return _forward_loop(_pad_rows(x_RM, tile), w_EMN, group_sizes_E, tile, x_RM.shape[0])
+  return _forward_loop(x_RM, w_EMN, group_sizes_E, tile)
 
 
 def _portable_fwd(x_RM, w_EMN, group_sizes_E, tile):
-  # The padded input is the residual, so the backward pass does not pad it again.
-  x_pad = _pad_rows(x_RM, tile)
-  y_RN = _forward_loop(x_pad, w_EMN, group_sizes_E, tile, x_RM.shape[0])
-  return y_RN, (x_pad, w_EMN, group_sizes_E)
+  return _portable(x_RM, w_EMN, group_sizes_E, tile), (x_RM, w_EMN, group_sizes_E)
 
 
 def _portable_bwd(tile, residuals, dy_RN):
-  x_pad, w_EMN, group_sizes_E = residuals
-  dx_RM, dw_EMN = _backward_loop(x_pad, w_EMN, group_sizes_E, dy_RN, tile)
-  dx_RM = dx_RM.astype(x_pad.dtype)
-  return (sum_to_varying_axes_of(x_pad, dx_RM), sum_to_varying_axes_of(w_EMN, dw_EMN), None)
+  x_RM, w_EMN, group_sizes_E = residuals
+  dx_RM, dw_EMN = _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile)
+  dx_RM = dx_RM.astype(x_RM.dtype)
+  return (sum_to_varying_axes_of(x_RM, dx_RM), sum_to_varying_axes_of(w_EMN, dw_EMN), None)
 
 
 _portable.defvjp(_portable_fwd, _portable_bwd)
