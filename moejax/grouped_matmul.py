@@ -12,16 +12,22 @@ Two implementations with the same numbers up to float rounding (`GroupedMatmulIm
 
 * PORTABLE, plain XLA for every backend: each segment is covered by row tiles, one 2-D matmul per
   tile, in loops over the segment's tiles (while loops whose trip counts are computed from the
-  segment's size), issued group after group. Most rows go through tiles of 8 * `tile` rows, the
-  rest through at most one tile of 4 * `tile`, one of 2 * `tile` and two of `tile` rows, so the
-  matmuls stay large. A segment's last tile reaches past its end into the next segments; the
-  rows it computes there are overwritten by their own group's tiles, which run later. So the work
-  is that of padding every segment to a multiple of `tile` (at most E * (tile - 1) extra rows),
-  without materialising a padded copy.
-  Its custom VJP is again grouped: dx through the same tile loop with the transposed weights,
-  dW[e] accumulated (in float32) over segment e's tiles, each as x_tile^T @ dy_tile with x_tile's
-  transpose materialised, the layout trick the index path's experts use on CPU (moejax/
-  experts.py).
+  segment's size), issued group after group. Most rows go through tiles of 16 * `tile` rows, the
+  rest through at most one tile each of 8, 4 and 2 * `tile` and two of `tile` rows, so the
+  matmuls stay large while the work is that of padding every segment to a multiple of `tile`
+  (at most E * (tile - 1) extra rows). Nothing padded is materialised: a segment's last tile
+  reaches over its end into the next rows (a tile that would pass row R moves back to end
+  there), computes them, and writes only its own segment's rows into the output (a masked
+  in-place update), so the order of the tiles does not matter and the output is written once.
+  Its custom VJP is again grouped, one loop per group that carries both gradients: each tile
+  writes its rows of dx = dy @ w[e]^T and adds its rows' x^T @ dy to dW[e] (in float32), with
+  the narrower of the two tiles transposed into a real copy, the layout trick the index path's
+  experts use on CPU (moejax/experts.py).
+  On CPU, XLA's runtime runs independent ops at once, and two matmuls that each use every core
+  run slower side by side than one after the other (docs/benchmarks.md). Every tile of the
+  portable form depends on the one before it (the forward through the output it updates, the
+  backward through dx and dW carried by one loop), so the tiles run one at a time (only a
+  backward tile's own two matmuls, for dx and dW, may overlap).
 * RAGGED_DOT, `jax.lax.ragged_dot`: a real grouped kernel on TPU; on CPU (and, by default, on
   NVIDIA GPUs) XLA lowers it to a dense masked matmul over every group, E times the FLOPs.
 
@@ -83,7 +89,7 @@ def resolve_impl(impl: GroupedMatmulImpl | str,
 
 def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, *,
                    impl: GroupedMatmulImpl | str = GroupedMatmulImpl.AUTO,
-                   tile: int = 128) -> jax.Array:
+                   tile: int = 64) -> jax.Array:
   """y[r] = x[r] @ w[e] for the rows r of segment e; zeros past the last segment (module doc).
 
   Args:
@@ -105,16 +111,16 @@ def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, 
 
 # Besides `tile`, the portable loop uses tiles of tile * 2**j rows for j up to this, so that most
 # of a segment runs as large matmuls while the padding stays below `tile` rows per segment.
-_DOUBLINGS = 3
+_DOUBLINGS = 4
 
 
 def _pieces(start, size, tile: int, num_rows: int):
   """How the portable loop covers rows [start, start + size): [(tile rows, first row, count)].
 
-  count tiles of tile * 8 rows, then (binary digits of the rest) at most one tile of tile * 4 and
-  one of tile * 2 rows, then ceil(rest / tile) <= 2 tiles of `tile` rows, the last of which may
-  reach past the segment's end. Tile sizes larger than the `num_rows` rows are left out (their
-  count would be 0).
+  count tiles of tile * 2**_DOUBLINGS rows, then (binary digits of the rest) at most one tile
+  each of tile * 2**j rows for j = _DOUBLINGS - 1 ... 1, then ceil(rest / tile) <= 2 tiles of
+  `tile` rows, the last of which may reach past the segment's end. Tile sizes larger than the
+  `num_rows` rows are left out (their count would be 0).
   """
   pieces, offset = [], start
   for j in range(_DOUBLINGS, 0, -1):
