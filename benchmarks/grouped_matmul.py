@@ -51,7 +51,7 @@ def _parse_args(argv):
   p.add_argument("--k", type=int, default=1)
   p.add_argument("--group-size", type=int, default=1024)
   p.add_argument("--capacity-factor", type=float, default=1.25)
-  p.add_argument("--tiles", default="128,512", help="portable row tiles, comma-separated")
+  p.add_argument("--tiles", default="64,128", help="portable row tiles, comma-separated")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--skip-ragged-dot", action="store_true",

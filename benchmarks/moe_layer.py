@@ -20,6 +20,11 @@ soft MoE with S/E slots per expert, one expert row per token), and each family's
 the same layer with experts of width 8, which leaves routing, dispatch, combine, the router's
 gradient and the aux losses (the experts' matmuls cost about nothing there).
 
+The main run also times the layer with dropless experts (dispatch=dropless, grouped_matmul=auto:
+no capacity, nothing dropped, no padding beyond the grouped matmul's row tiles) and, when the
+`bench` extra is installed, transformers' PyTorch Switch block at the same shape
+(benchmarks/torch_switch.py); without it that side prints 'skipped: install .[bench]'.
+
 Timings are taken side by side in one run (interleaved repetitions, median), so the printed ratios
 are meaningful on a noisy shared machine even where absolute times are not. The script also
 compiles the layer on a simulated 8-device mesh (data=1, expert=8) and reads the all-to-all bytes
@@ -46,9 +51,13 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from moejax import sharding  # noqa: E402
+from moejax.grouped_matmul import GroupedMatmulImpl, resolve_impl  # noqa: E402
 from moejax.moe import MoeConfig, MoeLayer  # noqa: E402
 from moejax.routing import (REGISTRY, DeepseekConfig, RouterConfig, RouterKind,  # noqa: E402
                             SoftConfig)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import torch_switch  # noqa: E402
 
 
 def _parse_args(argv):
@@ -67,8 +76,11 @@ def _parse_args(argv):
 
 
 def _moe_config(args, dispatch, expert_loop="auto"):
+  # Dropless experts have no capacity: their router keeps the capacity settings' defaults.
+  capacity = ({} if dispatch == "dropless" else
+              dict(capacity_factor_train=args.capacity_factor, min_capacity=1))
   router = RouterConfig(kind="topk" if args.k > 1 else "switch", num_experts=args.experts,
-                        k=args.k, capacity_factor_train=args.capacity_factor, min_capacity=1)
+                        k=args.k, **capacity)
   return MoeConfig(router=router, ffn_dim=args.ffn_dim, group_size=args.group_size,
                    dispatch=dispatch, dtype=args.dtype, expert_loop=expert_loop)
 
@@ -113,6 +125,13 @@ def _dense_step(args):
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   return step, params
+
+
+TORCH_SIDE = "transformers (PyTorch)"
+
+
+def _load() -> float:
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
@@ -200,7 +219,7 @@ def routers_main(args, x, dy):
   fns = {"dense": lambda: dense(dense_params, x, dy), **_router_steps(args, x, dy)}
   t = time_side_by_side(fns, args.repeats)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); "
-        f"load average {os.getloadavg()[0]:.2f}; T={args.tokens} M={args.model_dim} "
+        f"load average {_load():.2f}; T={args.tokens} M={args.model_dim} "
         f"F={args.ffn_dim} E={args.experts} capacity_factor={args.capacity_factor} "
         f"S={args.group_size} {args.dtype}, forward+backward, median of {args.repeats}")
   print(f"{'router':<16}{'layer x dense':>15}{'routing step x dense':>22}")
@@ -223,24 +242,39 @@ def main(argv=None):
   index, index_params = _moe_step(args, "index")
   einsum, einsum_params = _moe_step(args, "einsum")
   batched, batched_params = _moe_step(args, "index", "batched")
-  t = time_side_by_side({
+  dropless, dropless_params = _moe_step(args, "dropless")
+  fns = {
       "dense": lambda: dense(dense_params, x, dy),
       "index": lambda: index(index_params, x, dy),
       "einsum": lambda: einsum(einsum_params, x, dy),
       "index, batched": lambda: batched(batched_params, x, dy),
-  }, args.repeats)
+      "dropless": lambda: dropless(dropless_params, x, dy),
+  }
+  torch_step, skipped = torch_switch.make_step(args)
+  if torch_step is not None:
+    fns[TORCH_SIDE] = torch_step
+  load_start = _load()
+  t = time_side_by_side(fns, args.repeats)
 
   capacity = _moe_config(args, "index").router.capacity(args.group_size, train=True)
   print(f"jax {jax.__version__} on {device.device_kind} ({os.cpu_count()} cores); "
+        f"load average {load_start:.2f} at the start, {_load():.2f} at the end; "
         f"T={args.tokens} M={args.model_dim} F={args.ffn_dim} E={args.experts} k={args.k} "
         f"capacity_factor={args.capacity_factor} S={args.group_size} C={capacity} {args.dtype}, "
         f"forward+backward, median of {args.repeats}")
-  print(f"{'layer':<16}{'seconds':>10}{'x dense':>10}")
+  print(f"{'layer':<24}{'seconds':>10}{'x dense':>10}{'x index':>10}{'x dropless':>12}")
   loop = "unroll" if jax.default_backend() == "cpu" else "batched"
+  gmm = resolve_impl(GroupedMatmulImpl.AUTO, device.platform).value
   print(f"(index and einsum use expert_loop=auto, here {loop}; 'index, batched' forces one "
-        "batched matmul over experts)")
+        f"batched matmul over experts; dropless runs grouped_matmul=auto, here {gmm})")
   for name in t:
-    print(f"{name:<16}{t[name]:>10.4f}{t[name] / t['dense']:>10.2f}")
+    print(f"{name:<24}{t[name]:>10.4f}{t[name] / t['dense']:>10.2f}"
+          f"{t[name] / t['index']:>10.2f}{t[name] / t['dropless']:>12.2f}")
+  if torch_step is None:
+    print(f"{TORCH_SIDE:<24}{skipped}")
+  else:
+    print(f"({TORCH_SIDE}: {torch_switch.version()}, {os.cpu_count()} threads, float32, "
+          "expert_capacity=S: nothing dropped)")
   padding = args.experts * capacity / args.group_size / args.k
   print(f"capacity padding floor: {padding:.2f}x")
 

@@ -59,7 +59,7 @@ class ExchangeKind(enum.Enum):
 
 
 # MoeConfig fields only dropless experts read, with their defaults.
-DROPLESS_FIELDS = {"grouped_matmul": GroupedMatmulImpl.AUTO, "grouped_matmul_tile": 128,
+DROPLESS_FIELDS = {"grouped_matmul": GroupedMatmulImpl.AUTO, "grouped_matmul_tile": 64,
                    "exchange": ExchangeKind.AUTO, "exchange_buffer_factor": None}
 # Router fields of the capacity claim, which dropless experts skip.
 CAPACITY_FIELDS = ("capacity_factor_train", "capacity_factor_eval", "min_capacity",

@@ -12,16 +12,22 @@ Two implementations with the same numbers up to float rounding (`GroupedMatmulIm
 
 * PORTABLE, plain XLA for every backend: each segment is covered by row tiles, one 2-D matmul per
   tile, in loops over the segment's tiles (while loops whose trip counts are computed from the
-  segment's size), issued group after group. Most rows go through tiles of 8 * `tile` rows, the
-  rest through at most one tile of 4 * `tile`, one of 2 * `tile` and two of `tile` rows, so the
-  matmuls stay large. A segment's last tile reaches past its end into the next segments; the
-  rows it computes there are overwritten by their own group's tiles, which run later. So the work
-  is that of padding every segment to a multiple of `tile` (at most E * (tile - 1) extra rows),
-  without materialising a padded copy.
-  Its custom VJP is again grouped: dx through the same tile loop with the transposed weights,
-  dW[e] accumulated (in float32) over segment e's tiles, each as x_tile^T @ dy_tile with x_tile's
-  transpose materialised, the layout trick the index path's experts use on CPU (moejax/
-  experts.py).
+  segment's size), issued group after group. Most rows go through tiles of 16 * `tile` rows, the
+  rest through at most one tile each of 8, 4 and 2 * `tile` and two of `tile` rows, so the
+  matmuls stay large while the work is that of padding every segment to a multiple of `tile`
+  (at most E * (tile - 1) extra rows). Nothing padded is materialised: a segment's last tile
+  reaches over its end into the next rows (a tile that would pass row R moves back to end
+  there), computes them, and writes only its own segment's rows into the output (a masked
+  in-place update), so the order of the tiles does not matter and the output is written once.
+  Its custom VJP is again grouped, one loop per group that carries both gradients: each tile
+  writes its rows of dx = dy @ w[e]^T and adds its rows' x^T @ dy to dW[e] (in float32), with
+  the narrower of the two tiles transposed into a real copy, the layout trick the index path's
+  experts use on CPU (moejax/experts.py).
+  On CPU, XLA's runtime runs independent ops at once, and two matmuls that each use every core
+  run slower side by side than one after the other (docs/benchmarks.md). Every tile of the
+  portable form depends on the one before it (the forward through the output it updates, the
+  backward through dx and dW carried by one loop), so the tiles run one at a time (only a
+  backward tile's own two matmuls, for dx and dW, may overlap).
 * RAGGED_DOT, `jax.lax.ragged_dot`: a real grouped kernel on TPU; on CPU (and, by default, on
   NVIDIA GPUs) XLA lowers it to a dense masked matmul over every group, E times the FLOPs.
 
@@ -83,7 +89,7 @@ def resolve_impl(impl: GroupedMatmulImpl | str,
 
 def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, *,
                    impl: GroupedMatmulImpl | str = GroupedMatmulImpl.AUTO,
-                   tile: int = 128) -> jax.Array:
+                   tile: int = 64) -> jax.Array:
   """y[r] = x[r] @ w[e] for the rows r of segment e; zeros past the last segment (module doc).
 
   Args:
@@ -105,16 +111,16 @@ def grouped_matmul(x_RM: jax.Array, w_EMN: jax.Array, group_sizes_E: jax.Array, 
 
 # Besides `tile`, the portable loop uses tiles of tile * 2**j rows for j up to this, so that most
 # of a segment runs as large matmuls while the padding stays below `tile` rows per segment.
-_DOUBLINGS = 3
+_DOUBLINGS = 4
 
 
 def _pieces(start, size, tile: int, num_rows: int):
   """How the portable loop covers rows [start, start + size): [(tile rows, first row, count)].
 
-  count tiles of tile * 8 rows, then (binary digits of the rest) at most one tile of tile * 4 and
-  one of tile * 2 rows, then ceil(rest / tile) <= 2 tiles of `tile` rows, the last of which may
-  reach past the segment's end. Tile sizes larger than the `num_rows` rows are left out (their
-  count would be 0).
+  count tiles of tile * 2**_DOUBLINGS rows, then (binary digits of the rest) at most one tile
+  each of tile * 2**j rows for j = _DOUBLINGS - 1 ... 1, then ceil(rest / tile) <= 2 tiles of
+  `tile` rows, the last of which may reach past the segment's end. Tile sizes larger than the
+  `num_rows` rows are left out (their count would be 0).
   """
   pieces, offset = [], start
   for j in range(_DOUBLINGS, 0, -1):
@@ -135,66 +141,106 @@ def _segments(group_sizes_E):
   return ends_E - group_sizes_E, ends_E
 
 
-def _pad_rows(a_RX, tile):
-  """a with `tile` zero rows appended, so a tile that starts at any row < R fits."""
-  return jnp.pad(a_RX, ((0, tile), (0, 0)))
+def _tile(first, i, rows: int, num_rows: int, start, end):
+  """Tile i of a piece: its first row and which of its rows it computes for the segment.
+
+  The tile covers rows [r, r + rows), r = first + i * rows, of the segment [start, end); one
+  that would reach past row R is moved back to end at R, and the rows it then shares with the
+  segment's earlier tiles (before r) are left to them, so every row counts once in dW.
+  """
+  r = first + i * rows
+  r0 = jnp.minimum(r, num_rows - rows)
+  row_t = r0 + jnp.arange(rows, dtype=r0.dtype)
+  return r0, (row_t >= jnp.maximum(start, r)) & (row_t < end)
 
 
-def _tile_loop(x_RM, w_EMN, group_sizes_E, tile: int, *, transposed: bool):
-  """The tiled grouped matmul: x @ w[e] per segment (x @ w[e]^T with `transposed`)."""
+def _write_rows(buf_RX, tile_tX, r0, inside_t):
+  """buf with the tile's rows inside its segment written at r0; its other rows left as they are.
+
+  Rows outside the segment belong to other groups (or to none): each group writes only its own
+  rows, so the tiles may reach over segment boundaries and the order of the writes is free.
+  """
+  old_tX = jax.lax.dynamic_slice_in_dim(buf_RX, r0, tile_tX.shape[0], axis=0)
+  new_tX = jnp.where(inside_t[:, None], tile_tX.astype(buf_RX.dtype), old_tX)
+  return jax.lax.dynamic_update_slice_in_dim(buf_RX, new_tX, r0, axis=0)
+
+
+def _zeros_rows(rows_like, cols_like, dtype):
+  """Zeros (R, X) varying over the mesh axes of both operands (a loop carry's type inside
+  shard_map)."""
+  return (jnp.zeros_like(rows_like[:, :1], dtype) + jnp.zeros_like(cols_like, dtype)[None, :])
+
+
+def _forward_loop(x_RM, w_EMN, group_sizes_E, tile: int):
+  """y = x @ w[e] on segment e, tile by tile, one segment after another; zeros past the end.
+
+  The output starts as zeros and each tile writes the rows of its own segment (`_write_rows`).
+  """
   R = x_RM.shape[0]
-  E = w_EMN.shape[0]
+  tile = min(tile, R)
   starts_E, ends_E = _segments(group_sizes_E)
-  x_pad = _pad_rows(x_RM, tile)
-  out_col = (lambda w: w[:, 0]) if transposed else (lambda w: w[0, :])
-  # Zeros varying over the mesh axes of x and w alike (the loop carry's type inside shard_map).
-  y_RN = (jnp.zeros_like(x_pad[:, :1]) + jnp.zeros_like(out_col(w_EMN[0]))[None, :])
-  y_RN = y_RN.astype(jnp.result_type(x_RM.dtype, w_EMN.dtype))
-  for e in range(E):
+  y_RN = _zeros_rows(x_RM, w_EMN[0, 0, :], jnp.result_type(x_RM.dtype, w_EMN.dtype))
+  for e in range(w_EMN.shape[0]):
     w_MN = w_EMN[e]
     for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-      def body(i, y_RN, w_MN=w_MN, rows=rows, first=first):
-        r0 = first + i * rows
-        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
-        y_tN = x_tM @ w_MN.T if transposed else x_tM @ w_MN
-        return jax.lax.dynamic_update_slice_in_dim(y_RN, y_tN.astype(y_RN.dtype), r0, axis=0)
+      def body(i, y_RN, e=e, w_MN=w_MN, rows=rows, first=first):
+        r0, inside_t = _tile(first, i, rows, R, starts_E[e], ends_E[e])
+        x_tM = jax.lax.dynamic_slice_in_dim(x_RM, r0, rows, axis=0)
+        return _write_rows(y_RN, x_tM @ w_MN, r0, inside_t)
 
       y_RN = jax.lax.fori_loop(0, count, body, y_RN)
-  inside_R = jnp.arange(R) < ends_E[-1]
-  return jnp.where(inside_R[:, None], y_RN[:R], jnp.zeros_like(y_RN[:R]))
+  return y_RN
 
 
-def _weight_grad(x_RM, dy_RN, group_sizes_E, tile: int, num_groups: int, dtype):
-  """dW[e] = x[seg e]^T @ dy[seg e], accumulated in float32 over segment e's tiles."""
+def _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile: int):
+  """dx = dy @ w[e]^T on segment e and dW[e] = x[seg e]^T @ dy[seg e], in one pass over the tiles.
+
+  Each tile writes its segment's rows of dx (as in `_forward_loop`) and adds its contribution to
+  dW[e], accumulated in float32, from x's and dy's rows masked to the segment. Of the two, the
+  narrower tile is transposed into a real copy, so that the weight gradient is a row-major matmul
+  (the layout trick of the index path's experts, moejax/experts.py): x^T @ dy when x is the
+  narrower, else dW[e]^T = dy^T @ x, transposed once per group at the end. One loop carries dx
+  and dW, so the tiles run strictly one after another (see the module doc).
+  """
   R = x_RM.shape[0]
+  tile = min(tile, R)
   starts_E, ends_E = _segments(group_sizes_E)
-  x_pad, dy_pad = _pad_rows(x_RM, tile), _pad_rows(dy_RN, tile)
-  zero_MN = (jnp.zeros_like(x_pad[0, :], jnp.float32)[:, None] +
-             jnp.zeros_like(dy_pad[0, :], jnp.float32)[None, :])
+  x_narrower = x_RM.shape[1] <= dy_RN.shape[1]
+  dx_RM = _zeros_rows(dy_RN, w_EMN[0, :, 0], jnp.result_type(dy_RN.dtype, w_EMN.dtype))
+  zero_x = jnp.zeros_like(x_RM[0, :], jnp.float32)
+  zero_dy = jnp.zeros_like(dy_RN[0, :], jnp.float32)
+  zero_dw = (zero_x[:, None] + zero_dy[None, :] if x_narrower else
+             zero_dy[:, None] + zero_x[None, :])
   dws = []
-  for e in range(num_groups):
-    dw_MN = zero_MN
+  for e in range(w_EMN.shape[0]):
+    w_MN = w_EMN[e]
+    carry = (dx_RM, zero_dw)
     for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-      def body(i, dw_MN, e=e, rows=rows, first=first):
-        r0 = first + i * rows
-        x_tM = jax.lax.dynamic_slice_in_dim(x_pad, r0, rows, axis=0)
-        dy_tN = jax.lax.dynamic_slice_in_dim(dy_pad, r0, rows, axis=0)
-        # The last tile reaches into the next segments: their rows take no part in dW[e].
-        inside_t = r0 + jnp.arange(rows) < ends_E[e]
-        x_tM = jnp.where(inside_t[:, None], x_tM, jnp.zeros_like(x_tM))
-        x_Mt = materialized_transpose(x_tM)
-        return dw_MN + jnp.matmul(x_Mt, dy_tN, preferred_element_type=jnp.float32)
+      def body(i, carry, e=e, w_MN=w_MN, rows=rows, first=first):
+        dx_RM, dw = carry
+        r0, inside_t = _tile(first, i, rows, R, starts_E[e], ends_E[e])
+        mask = lambda a: jnp.where(inside_t[:, None], a, jnp.zeros_like(a))
+        x_tM = mask(jax.lax.dynamic_slice_in_dim(x_RM, r0, rows, axis=0))
+        dy_tN = mask(jax.lax.dynamic_slice_in_dim(dy_RN, r0, rows, axis=0))
+        if x_narrower:
+          dw = dw + jnp.matmul(materialized_transpose(x_tM), dy_tN,
+                               preferred_element_type=jnp.float32)
+        else:
+          dw = dw + jnp.matmul(materialized_transpose(dy_tN), x_tM,
+                               preferred_element_type=jnp.float32)
+        return _write_rows(dx_RM, dy_tN @ w_MN.T, r0, inside_t), dw
 
-      dw_MN = jax.lax.fori_loop(0, count, body, dw_MN)
-    dws.append(dw_MN)
-  return jnp.stack(dws).astype(dtype)
+      carry = jax.lax.fori_loop(0, count, body, carry)
+    dx_RM, dw = carry
+    dws.append(dw if x_narrower else dw.T)
+  return dx_RM, jnp.stack(dws).astype(w_EMN.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _portable(x_RM, w_EMN, group_sizes_E, tile):
-  return _tile_loop(x_RM, w_EMN, group_sizes_E, tile, transposed=False)
+  return _forward_loop(x_RM, w_EMN, group_sizes_E, tile)
 
 
 def _portable_fwd(x_RM, w_EMN, group_sizes_E, tile):
@@ -203,8 +249,8 @@ def _portable_fwd(x_RM, w_EMN, group_sizes_E, tile):
 
 def _portable_bwd(tile, residuals, dy_RN):
   x_RM, w_EMN, group_sizes_E = residuals
-  dx_RM = _tile_loop(dy_RN, w_EMN, group_sizes_E, tile, transposed=True).astype(x_RM.dtype)
-  dw_EMN = _weight_grad(x_RM, dy_RN, group_sizes_E, tile, w_EMN.shape[0], w_EMN.dtype)
+  dx_RM, dw_EMN = _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile)
+  dx_RM = dx_RM.astype(x_RM.dtype)
   return (sum_to_varying_axes_of(x_RM, dx_RM), sum_to_varying_axes_of(w_EMN, dw_EMN), None)
 
 

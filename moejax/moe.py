@@ -106,7 +106,7 @@ class MoeConfig:
   dtype: str | None = None
   shared_ffn_dim: int = 0
   grouped_matmul: GroupedMatmulImpl = GroupedMatmulImpl.AUTO
-  grouped_matmul_tile: int = 128
+  grouped_matmul_tile: int = 64
   exchange: ExchangeKind = ExchangeKind.AUTO
   exchange_buffer_factor: float | None = None
 

@@ -22,6 +22,7 @@ SIZES = [
     [40, 0, 0, 0, 0, 0],  # one group takes every row
     [1, 1, 1, 1, 1, 1],  # single rows
     [0, 0, 0, 0, 0, 0],  # nothing routed
+    [0, 7, 0, 16, 17, 0],  # every row routed: the last segment's last tile reaches past row R
 ]
 
 
@@ -48,7 +49,7 @@ def _arrays(num_groups, seed=0):
 
 @pytest.mark.parametrize("impl,tile", [("portable", 1), ("portable", 4), ("portable", 8),
                                        ("portable", 64), ("ragged_dot", 4)])
-@pytest.mark.parametrize("sizes", SIZES, ids=["empty-groups", "one-group", "single-rows", "none"])
+@pytest.mark.parametrize("sizes", SIZES, ids=["empty-groups", "one-group", "single-rows", "none", "all-rows"])
 def test_matches_numpy_loop_with_gradients(impl, tile, sizes):
   x, w, dy = _arrays(len(sizes))
   impl = GroupedMatmulImpl(impl)
