@@ -14,7 +14,12 @@ the default, worst-case buffer size.
 
 Hardware: one CPU is enough; on 8 devices, `--config.mesh.expert=8` shards the experts.
 
-Expected result: not yet measured.
+Measured result (seed 0, 2026-11-25, `--workdir=runs/switch_small_dropless`): validation loss
+4.181, perplexity 65.4 after 500 steps, against 4.204 for switch_small (which drops under 0.1% of
+validation tokens at its evaluation capacity factor 2.0, and more in training at 1.25); no token
+dropped in training or evaluation; expert loads 8-20% of the validation assignments. Run time:
+about 19 minutes on the 2-core machine while other work shared it (2.8k tokens/s; not comparable
+with switch_small's quiet 8k; benchmarks/moe_layer.py has the layer's speed side by side).
 """
 
 from experiments import base

@@ -21,6 +21,17 @@ from moejax.routing import RouterConfig
 pytestmark = pytest.mark.usefixtures("compile_once")
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_cache_for_decoding():
+  """The tests themselves compile without the persistent cache (the trained run's fixture uses
+  it). Once, in a full `make test` run, serializing a single-device decoding step for that cache
+  aborted the process inside XLA (`put_executable_and_time` -> `serialize`); it did not recur in
+  isolation, and the decoding steps compile in well under a second anyway."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+
+
 @pytest.fixture(scope="module")
 def trained(ptb_dir, tmp_path_factory):
   """A 4-step run of the tiny switch experiment on 8 devices (data=2 x expert=4)."""
