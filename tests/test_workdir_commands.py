@@ -18,18 +18,10 @@ from moejax.model import ModelConfig
 from moejax.moe import MoeConfig
 from moejax.routing import RouterConfig
 
-pytestmark = pytest.mark.usefixtures("compile_once")
-
-
-@pytest.fixture(autouse=True)
-def _no_persistent_cache_for_decoding():
-  """The tests themselves compile without the persistent cache (the trained run's fixture uses
-  it). Once, in a full `make test` run, serializing a single-device decoding step for that cache
-  aborted the process inside XLA (`put_executable_and_time` -> `serialize`); it did not recur in
-  isolation, and the decoding steps compile in well under a second anyway."""
-  jax.config.update("jax_enable_compilation_cache", False)
-  yield
-  jax.config.update("jax_enable_compilation_cache", True)
+# No persistent compilation cache here (no `compile_once`): in full `make test` runs, writing
+# the cache entry of a program compiled for a one-device mesh (workdir.load(single_device=True),
+# the decoding steps) crashed the process inside XLA's executable serialization, twice; it did
+# not recur when this module ran alone.
 
 
 @pytest.fixture(scope="module")
