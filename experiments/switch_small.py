@@ -15,7 +15,9 @@ Run time on the 2-core x86_64 development machine: `make train` on a fresh clone
 creating .venv included (compilation, 500 steps at about 8k tokens/s, three evaluations of 16
 batches, two checkpoints; building the dataset and tokenizer on first use adds a few seconds).
 A later fresh clone (2026-11-25, .venv already created by `make test`, the machine shared) took
-6 min 37 s at 5.6k tokens/s, with the same validation loss to the last digit.
+6 min 37 s at 5.6k tokens/s, with the same validation loss to the last digit. Since attention
+runs through `jax.nn.dot_product_attention` (float32 rounding differs), a fresh clone gave
+validation loss 4.2022 (9 min 10 s, 4.0k tokens/s, a test run sharing the machine for part of it).
 
 Expected result (seed 0, deterministic on CPU): validation loss 4.204, perplexity 66.9 after
 500 steps, against 4.231 for `dense_small` (docs/compare.md); every expert in use, under 0.1% of
