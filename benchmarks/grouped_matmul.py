@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +35,8 @@ from flax import nnx
 # This checkout's moejax, whatever the environment has installed.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from side_by_side import time_side_by_side  # noqa: E402
 from moejax.grouped_matmul import GroupedMatmulImpl, resolve_impl  # noqa: E402
 from moejax.moe import MoeConfig, MoeLayer  # noqa: E402
 from moejax.routing import RouterConfig  # noqa: E402
@@ -97,23 +97,6 @@ def _dense_step(args):
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   return lambda x, dy: step(params, x, dy)
-
-
-def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per call, in rounds that visit every candidate, so drift hits all alike.
-
-  In each round a candidate runs twice back to back and only the second call is timed.
-  """
-  for fn in fns.values():  # compile and warm up
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      jax.block_until_ready(fn())
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def candidates(args) -> dict:

@@ -37,9 +37,7 @@ import argparse
 import os
 import pathlib
 import re
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -58,6 +56,7 @@ from moejax.routing import (REGISTRY, DeepseekConfig, RouterConfig, RouterKind, 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import torch_switch  # noqa: E402
+from side_by_side import time_side_by_side  # noqa: E402
 
 
 def _parse_args(argv):
@@ -132,24 +131,6 @@ TORCH_SIDE = "transformers (PyTorch)"
 
 def _load() -> float:
   return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per call, in rounds that visit every candidate, so drift hits all alike.
-
-  In each round a candidate runs twice back to back and only the second call is timed, so every
-  timed call follows a call of the same program, as a step does in a training loop.
-  """
-  for fn in fns.values():  # compile and warm up
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      jax.block_until_ready(fn())
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def all_to_all_bytes(args, dispatch, mesh_shape=(1, 8, 1)) -> tuple[int, list[int]]:
