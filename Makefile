@@ -7,7 +7,9 @@ STAMP := $(VENV)/.moejax-installed
 WORKDIR ?= runs/switch_small
 CONFIG ?= experiments/switch_small.py
 # `make test` skips tests marked slow (multi-process kill/resume, SIGTERM); `make test-all` runs them.
+# Both spread the test modules over the cores, one module per worker process at a time.
 PYTEST_ARGS ?= -m "not slow"
+XDIST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: venv train test test-all bench bench-train study compare clean
 
@@ -26,10 +28,10 @@ train: $(STAMP)
 	$(PY) -m moejax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py

@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices, configured before JAX initialises a backend."""
 
+import gc
 import os
 import pathlib
 
@@ -17,6 +18,17 @@ jax.config.update("jax_threefry_partitionable", True)
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+  """Drops JAX's compiled programs after each module. Every XLA:CPU executable keeps memory
+  mappings of its own, and a whole suite's worth (over a thousand tests, most compiling several
+  programs) passed the kernel's limit of 65530 mappings per process: the next compilation then
+  crashed inside LLVM, near the end of full runs only. Clearing keeps the count near 600."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,9 @@ def test_auto_resolves_per_platform_and_logs_once(caplog):
   assert resolve_impl(GroupedMatmulImpl.AUTO, "tpu") is GroupedMatmulImpl.RAGGED_DOT
   assert resolve_impl(GroupedMatmulImpl.AUTO, "gpu") is AUTO_IMPL["gpu"]
   assert resolve_impl(GroupedMatmulImpl.RAGGED_DOT, "cpu") is GroupedMatmulImpl.RAGGED_DOT
-  with caplog.at_level(logging.INFO):
+  # absl's logger gets its own level once absl flags are parsed (an earlier test's main() does
+  # that), so the capture names it: the root logger's level alone would not let INFO through.
+  with caplog.at_level(logging.INFO, logger="absl"):
     for _ in range(3):
       resolve_impl(GroupedMatmulImpl.PORTABLE, "test-platform")
   announced = [r for r in caplog.records if "test-platform" in r.getMessage()]
