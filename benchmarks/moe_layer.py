@@ -16,9 +16,15 @@ so no side's forward is dead code: with `jax.grad` alone XLA deletes a dense FFN
 
 `--routers` times the layer once per router family at the same active FLOPs per token (top-1
 families with experts of width F; top-2 families with F/2; expert choice at the capacity factor;
-soft MoE with S/E slots per expert, one expert row per token), and each family's routing step:
-the same layer with experts of width 8, which leaves routing, dispatch, combine, the router's
-gradient and the aux losses (the experts' matmuls cost about nothing there).
+soft MoE with S/E slots per expert, one expert row per token), and each family's routing step,
+two ways:
+  routing        the layer's time minus that of its experts alone: the same expert FFN code
+                 (moejax.experts.expert_ffn, same expert loop) on a random buffer of the shape the
+                 layer gives it, forward+backward. What remains is routing, dispatch, combine, the
+                 router's gradient and the aux losses.
+  at F=8         the same layer with experts of width 8. This keeps the experts' passes over the
+                 M-wide buffers (a width-8 matmul still reads and writes them), so it overstates
+                 routing, by more the larger the buffers (k=2: twice top-1's rows).
 
 The main run also times the layer with dropless experts (dispatch=dropless, grouped_matmul=auto:
 no capacity, nothing dropped, no padding beyond the grouped matmul's row tiles) and, when the
@@ -48,7 +54,9 @@ from flax import nnx  # noqa: E402
 # This checkout's moejax, whatever the environment has installed.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from moejax import moe as moe_module  # noqa: E402
 from moejax import sharding  # noqa: E402
+from moejax.experts import expert_ffn  # noqa: E402
 from moejax.grouped_matmul import GroupedMatmulImpl, resolve_impl  # noqa: E402
 from moejax.moe import MoeConfig, MoeLayer  # noqa: E402
 from moejax.routing import (REGISTRY, DeepseekConfig, RouterConfig, RouterKind,  # noqa: E402
@@ -179,19 +187,58 @@ def _router_cases(args):
   }
 
 
+def _buffer(step, params, x, dy):
+  """The (E, G, C, M) buffer shape and dtype the layer's experts receive (traced, not run)."""
+  seen = []
+
+  def recording(x_EGCM, *args, **kwargs):
+    seen.append(jax.ShapeDtypeStruct(x_EGCM.shape, x_EGCM.dtype))
+    return expert_ffn(x_EGCM, *args, **kwargs)
+
+  moe_module.expert_ffn = recording
+  try:
+    jax.eval_shape(step, params, x, dy)
+  finally:
+    moe_module.expert_ffn = expert_ffn
+  return seen[0]
+
+
+def _experts_step(config: MoeConfig, buffer):
+  """Forward+backward of the layer's experts alone on a random buffer: loss sum(y * dy), grads
+  w.r.t. the buffer and both weights."""
+  E, M, F = buffer.shape[0], buffer.shape[-1], config.ffn_dim
+  k_x, k_dy, k_in, k_out = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(k_x, buffer.shape, buffer.dtype)
+  dy = jax.random.normal(k_dy, buffer.shape, buffer.dtype)
+  weights = (jax.random.normal(k_in, (E, M, F), buffer.dtype) * M ** -0.5,
+             jax.random.normal(k_out, (E, F, M), buffer.dtype) * F ** -0.5)
+
+  @jax.jit
+  def step(x, weights):
+    def loss(x, weights):
+      y = expert_ffn(x, *weights, None, activation=config.activation, loop=config.expert_loop)
+      return jnp.sum(y * dy)
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+
+  return lambda: step(x, weights)
+
+
 def _router_steps(args, x, dy):
-  """name -> (full layer step, routing-step layer) closures, for the registered families."""
+  """name -> closures: the full layer, its experts alone (" experts") and the layer with experts
+  of width 8 (" F=8"), for the registered families."""
   steps = {}
   for name, (router_kw, moe_kw, width) in _router_cases(args).items():
     if RouterKind(router_kw["kind"]) not in REGISTRY:
       continue
     vocab = 1024 if REGISTRY[RouterKind(router_kw["kind"])].token_ids else None
-    for suffix, ffn_dim in (("", int(args.ffn_dim * width)), (" routing", 8)):
+    for suffix, ffn_dim in (("", int(args.ffn_dim * width)), (" F=8", 8)):
       config = MoeConfig(router=RouterConfig(num_experts=args.experts, **router_kw),
                          ffn_dim=ffn_dim, group_size=args.group_size, dtype=args.dtype,
                          **{"dispatch": "index", **moe_kw})
       step, params = _moe_step(args, None, config=config, vocab_size=vocab)
       steps[name + suffix] = (lambda step=step, params=params: step(params, x, dy))
+      if not suffix:
+        steps[name + " experts"] = _experts_step(config, _buffer(step, params, x, dy))
   return steps
 
 
@@ -203,9 +250,13 @@ def routers_main(args, x, dy):
         f"load average {_load():.2f}; T={args.tokens} M={args.model_dim} "
         f"F={args.ffn_dim} E={args.experts} capacity_factor={args.capacity_factor} "
         f"S={args.group_size} {args.dtype}, forward+backward, median of {args.repeats}")
-  print(f"{'router':<16}{'layer x dense':>15}{'routing step x dense':>22}")
-  for name in (n for n in t if n != "dense" and not n.endswith(" routing")):
-    print(f"{name:<16}{t[name] / t['dense']:>15.2f}{t[name + ' routing'] / t['dense']:>22.2f}")
+  print("times x dense; routing = layer - experts alone; 'at F=8': the layer with experts of "
+        "width 8")
+  print(f"{'router':<16}{'layer':>8}{'experts':>9}{'routing':>9}{'at F=8':>8}")
+  for name in (n for n in t if n + " experts" in t):
+    layer, experts = t[name] / t["dense"], t[name + " experts"] / t["dense"]
+    print(f"{name:<16}{layer:>8.2f}{experts:>9.2f}{layer - experts:>9.2f}"
+          f"{t[name + ' F=8'] / t['dense']:>8.2f}")
 
 
 def main(argv=None):

@@ -14,7 +14,8 @@ flattened rows,
   src_EGC   : assignment (g*S*K + s*K + k) that fills each buffer row (sentinel G*S*K: empty)
 and moves rows with gathers only. Because kept assignments and filled slots are in one-to-one
 correspondence, the transpose of each gather is again a gather through the other map
-(`gather_rows` has a custom VJP), so neither the forward nor the backward pass scatters M-wide rows.
+(`gather_rows` and `combine_rows` have custom VJPs), so neither the forward nor the backward pass
+scatters M-wide rows, and the K rows of a token are summed as they are gathered.
 
 Non-finite values: a token that reaches no expert (padding, dropped, or not routed because it
 holds NaN/inf) may hold anything, and so may the cotangent of its output; neither form lets it
@@ -120,9 +121,9 @@ class IndexDispatcher:
     G, S, K, E, C = self.shape
     M = y_EGCM.shape[-1]
     y_RM = y_EGCM.reshape(E * G * C, M)
-    rows_GSKM = gather_rows(y_RM, self.dest_GSK.reshape(-1), self.src_EGC[:, None])
-    rows_GSKM = rows_GSKM.reshape(G, S, K, M)
-    return jnp.einsum("GSKM,GSK->GSM", rows_GSKM, self.weight_GSK.astype(y_EGCM.dtype))
+    weight_TK = self.weight_GSK.reshape(G * S, K).astype(y_EGCM.dtype)
+    out_TM = combine_rows(y_RM, weight_TK, self.dest_GSK.reshape(G * S, K), self.src_EGC)
+    return out_TM.reshape(G, S, M)
 
 
 @jax.custom_vjp
@@ -132,7 +133,7 @@ def gather_rows(table_NM: jax.Array, index_P: jax.Array, inverse_NR: jax.Array) 
   `inverse_NR` lists, for each table row n, the output rows p with index[p] == n (padded with the
   sentinel P). The VJP is then the gather d_table[n] = sum_r d_out[inverse[n, r]].
   """
-  return jnp.take(table_NM, index_P, axis=0, mode="fill", fill_value=0)
+  return _take(table_NM, index_P)
 
 
 def _gather_rows_fwd(table_NM, index_P, inverse_NR):
@@ -141,11 +142,59 @@ def _gather_rows_fwd(table_NM, index_P, inverse_NR):
 
 def _gather_rows_bwd(residuals, d_out_PM):
   index_P, inverse_NR = residuals
-  d_rows_NRM = jnp.take(d_out_PM, inverse_NR, axis=0, mode="fill", fill_value=0)
-  return jnp.sum(d_rows_NRM, axis=1), None, None
+  return _sum_of_gathers(d_out_PM, inverse_NR), None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _take(table_NM: jax.Array, index_P: jax.Array) -> jax.Array:
+  return jnp.take(table_NM, index_P, axis=0, mode="fill", fill_value=0)
+
+
+def _sum_of_gathers(table_NM: jax.Array, index_PR: jax.Array, weight_PR: jax.Array | None = None
+                    ) -> jax.Array:
+  """out[p] = sum_r weight[p, r] * table[index[p, r]] (weight 1 when None; rows past the table
+  are zero), one gather per r summed as it goes: XLA fuses them with the sum, so the (P, R, M)
+  rows are never written out."""
+  out_PM = None
+  for r in range(index_PR.shape[1]):
+    rows_PM = _take(table_NM, index_PR[:, r])
+    if weight_PR is not None:
+      rows_PM = rows_PM * weight_PR[:, r, None]
+    out_PM = rows_PM if out_PM is None else out_PM + rows_PM
+  return out_PM
+
+
+@jax.custom_vjp
+def combine_rows(y_RM: jax.Array, weight_TK: jax.Array, dest_TK: jax.Array, src_R: jax.Array
+                 ) -> jax.Array:
+  """out[t] = sum_k weight[t, k] * y[dest[t, k]] (dest == R: dropped, contributes zero).
+
+  `src_R` inverts dest: the assignment t*K + k that fills buffer row r (T*K: empty). The VJP is
+  then two gathers with no M-wide intermediate: d_y[r] = weight[a] * d_out[a // K] for a = src[r],
+  and d_weight[t, k] = <d_out[t], y[dest[t, k]]>.
+  """
+  return _sum_of_gathers(y_RM, dest_TK, weight_TK)
+
+
+def _combine_rows_fwd(y_RM, weight_TK, dest_TK, src_R):
+  return combine_rows(y_RM, weight_TK, dest_TK, src_R), (y_RM, weight_TK, dest_TK, src_R)
+
+
+def _combine_rows_bwd(residuals, d_out_TM):
+  y_RM, weight_TK, dest_TK, src_R = residuals
+  T, K = dest_TK.shape
+  filled_R = src_R < T * K
+  token_R = jnp.where(filled_R, src_R // K, T)
+  weight_R = jnp.take(weight_TK.reshape(-1), src_R, mode="fill", fill_value=0)
+  d_y_RM = _take(d_out_TM, token_R) * weight_R[:, None]
+  d_weight_TK = jnp.stack([jnp.sum(_take(y_RM, dest_TK[:, k]) * d_out_TM, axis=-1)
+                           for k in range(K)], axis=1)
+  return d_y_RM, d_weight_TK.astype(weight_TK.dtype), None, None
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 def make_dispatcher(kind: DispatchKind, decision: RoutingDecision) -> Dispatcher:
