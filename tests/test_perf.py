@@ -85,7 +85,7 @@ def test_remat_keeps_loss_and_gradients(remat):
       logits, aux = model(inputs, train=True)
       return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + aux.aux_loss
 
-    return nnx.value_and_grad(loss)(model)
+    return nnx.jit(nnx.value_and_grad(loss))(model)  # one compilation, not op-by-op
 
   base_loss, base = grads(_model())
   loss, other = grads(_model(remat=remat))
