@@ -2,6 +2,8 @@
 
     python -m moejax.evaluate --workdir=runs/switch_small
     python -m moejax.evaluate --workdir=runs/switch_small --split=test --batches=50
+    python -m moejax.evaluate --workdir=runs/switch_small \
+        --set=model.moe.router.capacity_factor_eval=1.0 --output=runs/switch_small/eval_cf1.json
 
 By default the whole evaluation split (`data.eval_split` of the run; `--split` names another)
 in batches of `train.batch_size` rows of `data.seq_len` tokens on the run's mesh, exactly as the
@@ -13,10 +15,16 @@ A progress line on stderr counts the batches; the result goes to stdout:
 
 and, as JSON (loss, perplexity, tokens, batches, step, split and the per-layer routing metrics),
 to `--output` (default WORKDIR/eval_<split>_step<step>.json). Exit statuses: `moejax.command`.
+
+`--set=PATH=VALUE` (repeatable) evaluates under a changed setting that leaves the trained model
+as it is: one of the fields a resumed run may change (`moejax.config.RESUMABLE_FIELDS`), such as
+the evaluation capacity factor, the dispatch form or the mesh. The value is read as a Python
+literal, else taken as a string; the record lists the settings under "settings".
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 import time
@@ -29,6 +37,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from moejax import command, sharding, train
+from moejax.config import RESUMABLE_FIELDS
 from moejax import data as data_lib
 from moejax import workdir as workdir_lib
 
@@ -95,13 +104,19 @@ def _main(args) -> None:
   if args.batches is not None and args.batches < 1:
     raise ValueError(f"--batches={args.batches} must be an integer >= 1 (leave it out for the "
                      "whole split).")
-  changes = {} if args.split is None else {"data.eval_split": args.split}
+  settings = parse_settings(args.set)
+  changes = dict(settings)
+  if args.split is not None:
+    changes["data.eval_split"] = args.split
   try:
     run = workdir_lib.load(args.workdir, changes=changes)
   except ValueError as error:
     field = f"data.eval_split={args.split!r}"
     if args.split is not None and str(error).startswith(field):  # the flag, not the config
       raise ValueError(f"--split={args.split!r}{str(error)[len(field):]}") from error
+    for path, value in settings.items():  # a value the config refuses: name the flag
+      if str(error).startswith(f"{path}="):
+        raise ValueError(f"--set={path}={value!r}: {error}") from error
     raise
   result = evaluate_run(run, max_batches=args.batches, progress=not args.quiet)
   split = run.experiment.data.eval_split
@@ -112,10 +127,29 @@ def _main(args) -> None:
         f"batch{'es' if result['batches'] != 1 else ''})")
   output = epath.Path(args.output or run.workdir / f"eval_{split}_step{run.step}.json")
   record = {"workdir": str(run.workdir), "step": run.step, "split": split,
-            **_to_json(result)}
+            "settings": settings, **_to_json(result)}
   if jax.process_index() == 0:
     output.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(f"written: {output}")
+
+
+def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
+  """{"path": value} from `--set` assignments, each a field of RESUMABLE_FIELDS."""
+  settings = {}
+  for assignment in assignments:
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+      raise ValueError(f"--set={assignment!r} must look like group.field=value "
+                       "(model.moe.router.capacity_factor_eval=1.0).")
+    if path not in RESUMABLE_FIELDS:
+      raise ValueError(f"--set={assignment}: {path} is not a setting evaluation may change (it "
+                       "would not be the trained model); allowed: " + ", ".join(RESUMABLE_FIELDS)
+                       + ".")
+    try:
+      settings[path] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      settings[path] = text
+  return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="evaluate only the first N batches (default: the whole split)")
   parser.add_argument("--output", default=None,
                       help="the JSON file to write (default: WORKDIR/eval_<split>_step<step>.json)")
+  parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                      help="evaluate under a changed setting that leaves the trained model as it "
+                           "is (model.moe.router.capacity_factor_eval=1.0); repeatable")
   parser.add_argument("--quiet", action="store_true", help="no progress line")
   return command.run(parser, _main, argv)
 

@@ -1,6 +1,7 @@
 """`moejax.evaluate` and `moejax.sample` on a tiny trained checkpoint (the PTB fixture)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -71,9 +72,39 @@ def test_evaluate_takes_the_whole_split_by_default(trained, ptb_dir, capsys):
   assert "batch" not in capsys.readouterr().err  # --quiet
 
 
+def test_evaluate_set_equals_evaluating_an_edited_config(trained, tmp_path):
+  """--set changes the loaded config as editing config.json would; the record names it."""
+  workdir, _ = trained
+  edited = tmp_path / "edited"
+  shutil.copytree(workdir, edited)
+  config = json.loads((edited / "config.json").read_text())
+  config["model"]["moe"]["router"]["capacity_factor_eval"] = 8.0
+  (edited / "config.json").write_text(json.dumps(config))
+  records = {}
+  for name, argv in (("set", [f"--workdir={workdir}",
+                              "--set=model.moe.router.capacity_factor_eval=8.0"]),
+                     ("edited", [f"--workdir={edited}"]), ("default", [f"--workdir={workdir}"])):
+    output = tmp_path / f"{name}.json"
+    assert evaluate.main([*argv, "--batches=2", "--quiet", f"--output={output}"]) == 0
+    records[name] = json.loads(output.read_text())
+  assert records["set"]["settings"] == {"model.moe.router.capacity_factor_eval": 8.0}
+  assert records["default"]["settings"] == {}
+  assert records["set"]["loss"] == records["edited"]["loss"]
+  assert records["set"]["moe"] == records["edited"]["moe"]
+  # Factor 8 >= E gives every expert room for a whole group: nothing is dropped, where the
+  # run's own evaluation factor (2.0) drops tokens.
+  dropped = {name: r["moe"]["layer_1"]["dropped_fraction"] for name, r in records.items()}
+  assert dropped["set"] == 0.0 < dropped["default"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--split=bogus"], "--split='bogus' is not a split of 'ptb'; its splits are"),
     (["--batches=0"], "--batches=0 must be an integer >= 1"),
+    (["--set=bogus"], "--set='bogus' must look like group.field=value"),
+    (["--set=model.num_layers=3"], "--set=model.num_layers=3: model.num_layers is not a setting "
+     "evaluation may change (it would not be the trained model); allowed: train.num_steps"),
+    (["--set=model.moe.router.capacity_factor_eval=-1"],
+     "--set=model.moe.router.capacity_factor_eval=-1: model.moe.router.capacity_factor_eval=-1"),
 ])
 def test_evaluate_bad_flags(trained, argv, message, capsys):
   assert evaluate.main([f"--workdir={trained[0]}", *argv]) == 2
