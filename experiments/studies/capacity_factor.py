@@ -8,9 +8,9 @@ for padding. Runs: switch_small (top-1, F=512) and gshard_small (top-2, F=256) a
 `model.moe.router.capacity_factor_train` 0.5, 0.75, 1.0, 1.25 and 2.0; every run has the same
 active FFN FLOPs per token (the padding's FLOPs are the cost the study measures, in tokens/s).
 
-Evaluation uses the experiments' evaluation factor, 2.0. Evaluating each trained model at 1.0 as
-well needs an evaluation-only pass over a finished run, which moejax does not have yet (the
-trainer re-evaluates a finished run but records nothing); until then that column is missing.
+Evaluation uses the experiments' evaluation factor, 2.0. A finished run is evaluated at 1.0 by
+`python -m moejax.evaluate --workdir=RUN --set=model.moe.router.capacity_factor_eval=1.0`; the
+study runner does not run that pass yet, so the table has no factor-1.0 column.
 
 Run time: about 5-6 minutes per run on the 2-core development machine (30 runs), not yet
 measured. Measured result: not yet run.
