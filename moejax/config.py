@@ -194,6 +194,14 @@ def check_layout(experiment: ExperimentConfig, *, num_devices: int, num_processe
         f"model.moe.ffn_dim={model.moe.ffn_dim} must be divisible by mesh.model={model_size}.")
 
 
+def parse_value(text: str) -> Any:
+  """An override's value: a Python literal (3, 1e-3, True, None, (1, 2)), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def apply_overrides(config: ml_collections.ConfigDict, assignments: Sequence[str]
                     ) -> ml_collections.ConfigDict:
   """Applies "group.field=value" assignments (for scripts; `moejax.main` has --config.* flags).
@@ -205,10 +213,7 @@ def apply_overrides(config: ml_collections.ConfigDict, assignments: Sequence[str
     path, sep, text = assignment.partition("=")
     if not sep or not path:
       raise ValueError(f"override {assignment!r} must look like group.field=value.")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
+    value = parse_value(text)
     *parents, name = path.split(".")
     node = config
     for i, part in enumerate(parents):

@@ -24,7 +24,6 @@ literal, else taken as a string; the record lists the settings under "settings".
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import time
@@ -37,7 +36,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from moejax import command, sharding, train
-from moejax.config import RESUMABLE_FIELDS
+from moejax.config import RESUMABLE_FIELDS, parse_value
 from moejax import data as data_lib
 from moejax import workdir as workdir_lib
 
@@ -145,10 +144,7 @@ def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
       raise ValueError(f"--set={assignment}: {path} is not a setting evaluation may change (it "
                        "would not be the trained model); allowed: " + ", ".join(RESUMABLE_FIELDS)
                        + ".")
-    try:
-      settings[path] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      settings[path] = text
+    settings[path] = parse_value(text)
   return settings
 
 
