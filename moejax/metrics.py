@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -68,6 +69,19 @@ def flatten_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
   return flat
 
 
+def _file_time(logdir: epath.Path) -> int:
+  """The <time> of a new event file in `logdir`: now, or one second after the newest file there.
+
+  TensorBoard reads a folder's event files in name order, and a resumed run's purge only drops
+  what came before it in that order. Within one second, the rest of the name (host, pid, a counter
+  that reaches 10) does not sort by age, so the time field alone must.
+  """
+  now = int(time.time())
+  times = [int(m.group(1)) for f in logdir.glob("events.out.tfevents.*")
+           if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
+  return max([now, *(t + 1 for t in times)])
+
+
 class TensorBoardWriter:
   """Scalar summaries in a new TensorBoard event file under `logdir`.
 
@@ -86,7 +100,7 @@ class TensorBoardWriter:
   def __init__(self, logdir: str | os.PathLike, purge_from_step: int | None = None):
     logdir = epath.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+    name = (f"events.out.tfevents.{_file_time(logdir):010d}.{socket.gethostname()}."
             f"{os.getpid()}.{TensorBoardWriter._files_opened}")
     TensorBoardWriter._files_opened += 1
     self.path = logdir / name

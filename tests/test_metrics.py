@@ -143,6 +143,45 @@ def test_resumed_writers_replace_what_the_interrupted_run_logged_after_its_check
   assert [(r["step"], r["train/loss"]) for r in records] == expected
 
 
+def _interrupted_then_resumed(workdir):
+  writer = metrics.create_writers(workdir, process_index=0, resume_step=0)
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {"train/loss": float(step)})
+  writer.close()
+  return metrics.create_writers(workdir, process_index=0, resume_step=1)
+
+
+@pytest.mark.parametrize("opened_before", [0, 9, 99])
+def test_a_resumed_runs_event_file_sorts_after_the_interrupted_runs(tmp_path, monkeypatch,
+                                                                    opened_before):
+  """TensorBoard reads event files in name order; the file counter going from 9 to 10 within one
+  second must not put the resumed run's file (and its purge) first."""
+  monkeypatch.setattr(metrics.TensorBoardWriter, "_files_opened", opened_before)
+  writer = _interrupted_then_resumed(tmp_path)
+  writer.write_scalars(2, {"train/loss": 20.0})
+  writer.close()
+  files = sorted(f.name for f in (tmp_path / "tensorboard").iterdir())
+  assert files[-1].endswith(f".{opened_before + 1}")
+  assert _read_tensorboard(tmp_path / "tensorboard") == {"train/loss": [(1, 1.0), (2, 20.0)]}
+
+
+def test_a_resumed_runs_event_file_sorts_after_one_another_process_wrote_this_second(tmp_path):
+  writer = metrics.create_writers(tmp_path, process_index=0, resume_step=0)
+  writer.write_scalars(1, {"train/loss": 1.0})
+  writer.close()
+  (first,) = (tmp_path / "tensorboard").iterdir()
+  stamp = first.name.split(".")[3]
+  later_time = str(int(stamp) + 30).zfill(len(stamp))  # a clock ahead of this one, another host
+  first.rename(first.with_name(f"events.out.tfevents.{later_time}.zzzz.99999999.0"))
+  writer = metrics.create_writers(tmp_path, process_index=0, resume_step=0)
+  writer.write_scalars(1, {"train/loss": 5.0})
+  writer.close()
+  names = sorted(f.name for f in (tmp_path / "tensorboard").iterdir())
+  assert names[0].endswith(".zzzz.99999999.0")
+  assert names[1].split(".")[3] == str(int(later_time) + 1).zfill(len(stamp))
+  assert _read_tensorboard(tmp_path / "tensorboard") == {"train/loss": [(1, 5.0)]}
+
+
 # ----------------------------------------------------------------------------- damaged files
 
 
