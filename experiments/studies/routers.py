@@ -42,7 +42,9 @@ SETTINGS = {
     # p = 16 slots per expert: E * p / S = 8 * 16 / 128 = one expert's FLOPs per token.
     RouterKind.SOFT: (SWITCH, (f"{ROUTER}.kind=soft", f"{ROUTER}.soft.slots_per_expert=16",
                                "model.moe.dispatch=einsum", *NONCAUSAL)),
-    RouterKind.SINKHORN: (SWITCH, (f"{ROUTER}.kind=sinkhorn", f"{ROUTER}.k=1", *NONCAUSAL)),
+    # Its weight is the router probability (normalize_weights=False): renormalised over k = 1 it
+    # would be 1, and the router would learn nothing from the task loss.
+    RouterKind.SINKHORN: ("experiments/sinkhorn_small.py", ()),
     RouterKind.HASH: (SWITCH, (f"{ROUTER}.kind=hash",)),
     RouterKind.RANDOM: (SWITCH, (f"{ROUTER}.kind=random", f"{ROUTER}.k=1")),
     RouterKind.DEEPSEEK: ("experiments/deepseek_small.py", ()),
