@@ -17,6 +17,16 @@ correspondence, the transpose of each gather is again a gather through the other
 (`gather_rows` and `combine_rows` have custom VJPs), so neither the forward nor the backward pass
 scatters M-wide rows, and the K rows of a token are summed as they are gathered.
 
+Seen from the tokens, that costs T*K row gathers per pass, most of them of the empty row when K is
+large and few assignments are kept: expert choice has K = E (a token may reach any expert) but
+fills only E*G*C rows, about capacity_factor rows per token. Where the token table holds at least
+`BUFFER_SIDE_RATIO` times as many assignments as the buffer has rows, the dispatcher works from the
+buffer side instead: dispatch gathers the buffer's rows (its transpose, a scatter-add of R rows)
+and combine scatter-adds each row, times its weight, onto its token (its transpose, a gather of R
+rows). Both sides give the same values; a token's rows are summed in buffer order there rather
+than in k order, so results can differ in the last bit (and, on GPUs, XLA's scatter-add may sum
+them in a different order from run to run).
+
 Non-finite values: a token that reaches no expert (padding, dropped, or not routed because it
 holds NaN/inf) may hold anything, and so may the cotangent of its output; neither form lets it
 reach another token's output or gradient. The index form never touches such rows; the einsum form,
@@ -88,10 +98,18 @@ class EinsumDispatcher:
     return jnp.where(self.routed_GS[..., None], y_GSM, jnp.zeros_like(y_GSM))
 
 
+# A scattered row costs about 3.5 gathered rows on XLA:CPU (benchmarks/moe_layer.py --routers,
+# expert choice at K = E = 8 against top-1 and top-2): work from the buffer side (see the module
+# docstring) where T*K >= BUFFER_SIDE_RATIO * R.
+BUFFER_SIDE_RATIO = 4
+
+
 class IndexDispatcher:
   """Dispatch and combine with row gathers through two index maps (see module docstring)."""
 
-  def __init__(self, decision: RoutingDecision):
+  def __init__(self, decision: RoutingDecision, buffer_side: bool | None = None):
+    """`buffer_side`: work from the buffer side (module docstring); None chooses by the ratio
+    of the token table's assignments to the buffer's rows (`BUFFER_SIDE_RATIO`)."""
     if decision.is_dense:
       raise ConfigError("model.moe.dispatch", "index", "cannot execute a dense routing decision "
                         "(soft MoE mixes every token into every slot); use 'einsum'.")
@@ -107,14 +125,20 @@ class IndexDispatcher:
     assignment_ids = jnp.arange(G * S * K, dtype=jnp.int32)
     src = jnp.full((E * G * C + 1,), G * S * K, jnp.int32)
     self.src_EGC = src.at[self.dest_GSK.reshape(-1)].set(assignment_ids)[:-1]
+    # Buffer row r holds token src_EGC[r] // K (G*S: empty).
+    self.token_EGC = jnp.where(self.src_EGC < G * S * K, self.src_EGC // K, G * S)
+    if buffer_side is None:
+      buffer_side = G * S * K >= BUFFER_SIDE_RATIO * E * G * C
+    self.buffer_side = buffer_side
 
   def dispatch(self, x_GSM: jax.Array) -> jax.Array:
     G, S, K, E, C = self.shape
     M = x_GSM.shape[-1]
-    # Buffer row r takes token src_EGC[r] // K; the backward sums each token's K buffer rows.
-    token_EGC = jnp.where(self.src_EGC < G * S * K, self.src_EGC // K, G * S)
     x_TM = x_GSM.reshape(G * S, M)
-    out = gather_rows(x_TM, token_EGC, self.dest_GSK.reshape(G * S, K))
+    if self.buffer_side:  # the backward scatter-adds the R buffer rows onto their tokens
+      return _take(x_TM, self.token_EGC).reshape(E, G, C, M)
+    # The backward sums each token's K buffer rows, gathered through dest.
+    out = gather_rows(x_TM, self.token_EGC, self.dest_GSK.reshape(G * S, K))
     return out.reshape(E, G, C, M)
 
   def combine(self, y_EGCM: jax.Array) -> jax.Array:
@@ -122,7 +146,12 @@ class IndexDispatcher:
     M = y_EGCM.shape[-1]
     y_RM = y_EGCM.reshape(E * G * C, M)
     weight_TK = self.weight_GSK.reshape(G * S, K).astype(y_EGCM.dtype)
-    out_TM = combine_rows(y_RM, weight_TK, self.dest_GSK.reshape(G * S, K), self.src_EGC)
+    if self.buffer_side:  # the backward gathers each row's token cotangent
+      weight_R = jnp.take(weight_TK.reshape(-1), self.src_EGC, mode="fill", fill_value=0)
+      out_TM = jnp.zeros((G * S, M), y_RM.dtype).at[self.token_EGC].add(
+          y_RM * weight_R[:, None], mode="drop")
+    else:
+      out_TM = combine_rows(y_RM, weight_TK, self.dest_GSK.reshape(G * S, K), self.src_EGC)
     return out_TM.reshape(G, S, M)
 
 

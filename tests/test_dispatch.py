@@ -1,5 +1,8 @@
 """EinsumDispatcher and IndexDispatcher against each other and against a numpy reference.
 
+The index form runs both ways: from the tokens' side ("index": K gathers per token) and from the
+buffer's side ("buffer": one gather or scatter-add per buffer row), whichever the ratio would pick.
+
 Routing decisions come from `moejax.routing.route` on random logits, with capacities small enough
 that many assignments overflow. The numpy reference reads only the decision fields
 (`expert_index_GSK`, `slot_GSK`, `keep_GSK`, `weight_GSK`):
@@ -12,6 +15,7 @@ compared with rtol=1e-6, atol=1e-6 (values are O(1)); gradients with rtol=1e-5, 
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,10 @@ import pytest
 
 from moejax.dispatch import EinsumDispatcher, IndexDispatcher
 from moejax.routing import RouterConfig, route
+
+DISPATCHERS = {"einsum": EinsumDispatcher,
+               "index": functools.partial(IndexDispatcher, buffer_side=False),
+               "buffer": functools.partial(IndexDispatcher, buffer_side=True)}
 
 G, S, E, M = 4, 8, 8, 16
 
@@ -30,6 +38,7 @@ class Case:
   router: RouterConfig
   train: bool = True
   masked: bool = False
+  fills_every_slot: bool = False  # expert choice: each expert fills its C slots
 
 
 CASES = [
@@ -47,6 +56,12 @@ CASES = [
     Case("topk3_eval_masked", RouterConfig(kind="topk", k=3, num_experts=E,
                                            normalize_weights=False, capacity_factor_eval=0.25,
                                            min_capacity=1), train=False, masked=True),
+    # Expert choice: K = E, C = ceil(1 * 8 / 8) = 1 pick per expert among a group's real tokens
+    # (padding is never picked): every slot filled, tokens no expert picked dropped.
+    Case("expert_choice_masked", RouterConfig(kind="expert_choice", num_experts=E,
+                                              capacity_factor_train=1.0, min_capacity=1,
+                                              allow_noncausal=True), masked=True,
+         fills_every_slot=True),
 ]
 
 
@@ -80,7 +95,7 @@ def _run(case: Case, seed: int):
   def both(logits, x, y):
     decision = decide(logits)
     out = {"decision": decision}
-    for tag, cls in (("einsum", EinsumDispatcher), ("index", IndexDispatcher)):
+    for tag, cls in DISPATCHERS.items():
 
       def dispatch_loss(x, cls=cls):
         return jnp.sum(cls(decision).dispatch(x) * r_EGCM)
@@ -169,7 +184,7 @@ def np_combine_vjp(decision, r_GSM, C):
 
 # ----------------------------------------------------------------------------- tests
 
-TAGS = ("einsum", "index")
+TAGS = tuple(DISPATCHERS)
 parametrize_cases = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 
 
@@ -181,7 +196,7 @@ def test_decisions_overflow(case):
   real_GS = np.ones((G, S), bool) if out["mask"] is None else out["mask"]
   assert np.sum(~keep_GSK & real_GS[..., None]) > 0, "no real assignment was dropped"
   assert np.sum(~keep_GSK.any(-1) & real_GS) > 0, "no real token was dropped entirely"
-  if case.router.k > 1:
+  if (case.router.k or E) > 1:  # expert choice: k unset, up to E experts per token
     partial = keep_GSK.any(-1) & ~keep_GSK.all(-1) & real_GS
     assert np.sum(partial) > 0, "no token was dropped at only some of its experts"
 
@@ -195,7 +210,10 @@ def test_dispatch_matches_numpy_and_empty_slots_are_zero(case, tag):
   assert got_EGCM.shape == (E, G, out["C"], M)
   np.testing.assert_array_equal(got_EGCM, ref_EGCM, err_msg=f"{tag} dispatch != numpy reference")
   assert np.all(got_EGCM[~filled_EGC] == 0.0), f"{tag}: an empty slot is not exactly zero"
-  assert 0 < filled_EGC.sum() < filled_EGC.size  # some slots filled, some empty
+  if case.fills_every_slot:
+    assert filled_EGC.all()
+  else:
+    assert 0 < filled_EGC.sum() < filled_EGC.size  # some slots filled, some empty
 
 
 @parametrize_cases
@@ -224,13 +242,26 @@ def test_dropped_tokens_get_exactly_zero_or_only_kept_experts(case, tag):
 
 
 @parametrize_cases
-def test_einsum_and_index_agree(case):
+@pytest.mark.parametrize("tag", ["index", "buffer"])
+def test_einsum_and_index_agree(case, tag):
   out = _results(case)
-  np.testing.assert_array_equal(out["einsum_dispatch"], out["index_dispatch"])
-  np.testing.assert_allclose(out["einsum_combine"], out["index_combine"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(out["einsum_dispatch"], out[f"{tag}_dispatch"])
+  np.testing.assert_allclose(out["einsum_combine"], out[f"{tag}_combine"], rtol=1e-6, atol=1e-6)
   for grad in ("dx", "dy", "dlogits"):
-    np.testing.assert_allclose(out[f"einsum_{grad}"], out[f"index_{grad}"], rtol=1e-5,
-                               atol=1e-6, err_msg=f"einsum vs index gradient {grad}")
+    np.testing.assert_allclose(out[f"einsum_{grad}"], out[f"{tag}_{grad}"], rtol=1e-5,
+                               atol=1e-6, err_msg=f"einsum vs {tag} gradient {grad}")
+
+
+@pytest.mark.parametrize("kind, buffer_side", [("switch", False), ("gshard", False),
+                                                ("expert_choice", True)])
+def test_the_index_form_works_from_the_side_with_fewer_rows(kind, buffer_side):
+  """Expert choice's token table holds K = E = 8 assignments per token against about one
+  buffer row per token: its index form works from the buffer side; token choice's does not."""
+  config = RouterConfig(kind=kind, num_experts=E, capacity_factor_train=1.0, min_capacity=1,
+                        allow_noncausal=kind == "expert_choice")
+  logits_GSE, *_ = _inputs(0)
+  decision = route(logits_GSE, config, train=True, uniform_GS=jnp.zeros((G, S)))
+  assert IndexDispatcher(decision).buffer_side is buffer_side
 
 
 @parametrize_cases
@@ -260,7 +291,7 @@ def test_gradients_through_the_whole_chain_agree():
   @jax.jit
   def grads(logits, x):
     result = {}
-    for tag, cls in (("einsum", EinsumDispatcher), ("index", IndexDispatcher)):
+    for tag, cls in DISPATCHERS.items():
 
       def loss(logits, x, cls=cls):
         decision = route(logits, case.router, train=True, padding_mask_GS=mask_GS)
@@ -271,9 +302,10 @@ def test_gradients_through_the_whole_chain_agree():
     return result
 
   result = grads(logits_GSE, x_GSM)
-  for a, b, name in zip(result["einsum"], result["index"], ("logits", "x")):
-    assert np.abs(np.asarray(b)).max() > 1e-3, f"d/d{name} is all zero"
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"d/d{name}")
+  for tag in ("index", "buffer"):
+    for a, b, name in zip(result["einsum"], result[tag], ("logits", "x")):
+      assert np.abs(np.asarray(b)).max() > 1e-3, f"{tag}: d/d{name} is all zero"
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{tag}: d/d{name}")
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -284,7 +316,7 @@ def test_non_finite_padding_does_not_leak_into_expert_buffers(tag):
   x_GSM = out["x"].copy()
   pad_GS = ~out["mask"]
   x_GSM[pad_GS] = np.where(np.arange(M) % 2 == 0, np.nan, np.inf)
-  cls = {"einsum": EinsumDispatcher, "index": IndexDispatcher}[tag]
+  cls = DISPATCHERS[tag]
   got_EGCM = np.asarray(jax.jit(lambda d, x: cls(d).dispatch(x))(out["decision"], x_GSM))
   ref_EGCM, _ = np_dispatch(out["decision"], x_GSM, out["C"])
   assert np.isfinite(ref_EGCM).all()
@@ -303,7 +335,7 @@ def test_non_finite_cotangent_of_an_unrouted_token_reaches_no_gradient(tag):
   """
   case = CASES[1]  # padding and dropped tokens
   out = _results(case)
-  cls = {"einsum": EinsumDispatcher, "index": IndexDispatcher}[tag]
+  cls = DISPATCHERS[tag]
   logits_GSE, *_ = _inputs(0)
   unrouted_GS = ~out["decision"].keep_GSK.any(-1)
   assert 0 < unrouted_GS.sum() < unrouted_GS.size
