@@ -21,7 +21,8 @@ two ways:
   routing        the layer's time minus that of its experts alone: the same expert FFN code
                  (moejax.experts.expert_ffn, same expert loop) on a random buffer of the shape the
                  layer gives it, forward+backward. What remains is routing, dispatch, combine, the
-                 router's gradient and the aux losses.
+                 router's gradient and the aux losses. The two run back to back in each round;
+                 the column is the median over rounds of their difference.
   at F=8         the same layer with experts of width 8. This keeps the experts' passes over the
                  M-wide buffers (a width-8 matmul still reads and writes them), so it overstates
                  routing, by more the larger the buffers (k=2: twice top-1's rows).
@@ -43,6 +44,7 @@ import argparse
 import os
 import pathlib
 import re
+import statistics
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -245,17 +247,21 @@ def _router_steps(args, x, dy):
 def routers_main(args, x, dy):
   dense, dense_params = _dense_step(args)
   fns = {"dense": lambda: dense(dense_params, x, dy), **_router_steps(args, x, dy)}
-  t = time_side_by_side(fns, args.repeats)
+  rounds = time_side_by_side(fns, args.repeats, rounds=True)
+  t = {name: statistics.median(times) for name, times in rounds.items()}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); "
         f"load average {_load():.2f}; T={args.tokens} M={args.model_dim} "
         f"F={args.ffn_dim} E={args.experts} capacity_factor={args.capacity_factor} "
         f"S={args.group_size} {args.dtype}, forward+backward, median of {args.repeats}")
-  print("times x dense; routing = layer - experts alone; 'at F=8': the layer with experts of "
-        "width 8")
+  print("times x dense (medians); routing = layer - experts alone, the median over rounds of "
+        "each round's difference (the two run back to back); 'at F=8': the layer with experts "
+        "of width 8")
   print(f"{'router':<16}{'layer':>8}{'experts':>9}{'routing':>9}{'at F=8':>8}")
   for name in (n for n in t if n + " experts" in t):
     layer, experts = t[name] / t["dense"], t[name + " experts"] / t["dense"]
-    print(f"{name:<16}{layer:>8.2f}{experts:>9.2f}{layer - experts:>9.2f}"
+    routing = statistics.median(
+        (a - b) / d for a, b, d in zip(rounds[name], rounds[name + " experts"], rounds["dense"]))
+    print(f"{name:<16}{layer:>8.2f}{experts:>9.2f}{routing:>9.2f}"
           f"{t[name + ' F=8'] / t['dense']:>8.2f}")
 
 

@@ -8,11 +8,12 @@ import time
 import jax
 
 
-def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
+def time_side_by_side(fns: dict, repeats: int, rounds: bool = False) -> dict:
   """Median seconds per call, in rounds that visit every candidate, so drift hits all alike.
 
   In each round a candidate runs twice back to back and only the second call is timed, so every
-  timed call follows a call of the same program, as a step does in a training loop.
+  timed call follows a call of the same program, as a step does in a training loop. `rounds`:
+  return each candidate's list of times, one per round (to pair candidates round by round).
   """
   for fn in fns.values():  # compile and warm up
     jax.block_until_ready(fn())
@@ -23,4 +24,6 @@ def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
+  if rounds:
+    return times
   return {name: statistics.median(t) for name, t in times.items()}

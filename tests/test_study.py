@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from moejax import metrics
 from moejax.data import corpora
 from moejax.model import active_ffn_flops_per_token
 from moejax.routing import REGISTRY, RouterKind
-from moejax.study import Run, Study, StudyError, __main__ as study_main, report, spec
+from moejax.study import (Evaluation, Run, Study, StudyError, __main__ as study_main, report,
+                          spec)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -77,17 +79,23 @@ def env_as_committed(ptb_dir, tmp_path_factory):
   return _study_env(ptb_dir, tmp_path_factory.mktemp("cache_optimized"), "")
 
 
-def write_study(path: pathlib.Path, *, seeds=(0, 1), steps=3, evaluations=3, overrides=()):
-  """A study file of one run, the tiny switch_small, on the PTB fixture."""
+def write_study(path: pathlib.Path, *, seeds=(0, 1), steps=3, evaluations=3, overrides=(),
+                extra_evaluations=(), extra_metrics=()):
+  """A study file of one run, the tiny switch_small, on the PTB fixture.
+
+  `extra_evaluations`: (name, settings) pairs."""
   settings = ("data.name=ptb", f"train.num_steps={steps}", "train.eval_batches=1", *overrides)
+  extra = ", ".join(f"Evaluation({name!r}, {tuple(s)!r})" for name, s in extra_evaluations)
   path.write_text(textwrap.dedent(f"""\
-      from moejax.study import Run, Study
+      from moejax.study import Evaluation, Run, Study
 
       def get_study():
         return Study(description="tiny", runs=(Run("switch", "experiments/switch_small.py:tiny"),),
                      seeds={tuple(seeds)!r}, overrides={settings!r}, evaluations={evaluations},
-                     metrics=("eval/loss", "eval/perplexity", "eval/moe/*/dropped_fraction"),
-                     plots=("eval/loss",), curves=("eval/loss",))
+                     metrics=("eval/loss", "eval/perplexity", "eval/moe/*/dropped_fraction",
+                              *{tuple(extra_metrics)!r}),
+                     plots=("eval/loss",), curves=("eval/loss",),
+                     extra_evaluations=({extra}{"," if extra else ""}))
       """))
   return path
 
@@ -215,6 +223,68 @@ def test_a_changed_setting_of_a_finished_run_stops_the_study(pair, env, tmp_path
   assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
   assert "model.moe.router.z_loss_weight" in said[0] and str(pair.workdirs[0]) in said[0]
   assert snapshot(pair.dir, skip=(pair.dir / "run.lock",)) == before
+
+
+def test_extra_evaluations_of_finished_runs_become_metrics(pair, env, tmp_path):
+  """Added to a finished study, they evaluate each run once (no training) on the trainer's
+  validation batches: under the run's own capacity factor, the loss the trainer logged; under a
+  factor of 8, nothing is dropped."""
+  shutil.copytree(pair.dir, tmp_path / "runs" / "pair", ignore=shutil.ignore_patterns("report"))
+  workdir = tmp_path / "runs" / "pair" / "switch" / "seed_0"
+  study_file = write_study(
+      tmp_path / "pair.py",
+      extra_evaluations=[("same", ["model.moe.router.capacity_factor_eval=2.0"]),
+                         ("cf8", ["model.moe.router.capacity_factor_eval=8.0"])],
+      extra_metrics=["eval@same/loss", "eval@cf8/moe/*/dropped_fraction"])
+  before = snapshot(workdir, skip=(workdir / "train.log",))
+  result = run_study(study_file, tmp_path / "runs", env, "--seeds", "0")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "study: 1 runs: 1 finished, 0 to do" in result.stdout
+  assert "evaluation 1/2: switch seed 0 under model.moe.router.capacity_factor_eval=2.0" in (
+      result.stdout)
+  after = snapshot(workdir, skip=(workdir / "train.log",))
+  assert sorted(set(after) - set(before)) == ["eval_cf8.json", "eval_same.json"]
+  assert {k: after[k] for k in before} == before  # the run itself is untouched
+  final = metrics.read_jsonl(workdir / "metrics.jsonl")[-1]
+  same = json.loads((workdir / "eval_same.json").read_text())
+  cf8 = json.loads((workdir / "eval_cf8.json").read_text())
+  assert same["settings"] == {"model.moe.router.capacity_factor_eval": 2.0}
+  assert (same["batches"], same["tokens"]) == (1, final["eval/tokens"])
+  np.testing.assert_allclose(same["loss"], final["eval/loss"], rtol=1e-6)
+  assert final["eval/moe/layer_1/dropped_fraction"] > 0
+  assert cf8["moe"]["layer_1"]["dropped_fraction"] == 0.0
+  report_json = json.loads((tmp_path / "runs" / "pair" / "report" / "pair.json").read_text())
+  got = report_json["runs"][0]["metrics"]
+  assert got["eval@same/loss"]["values"] == [same["loss"]]
+  assert got["eval@cf8/moe/*/dropped_fraction"]["values"] == [0.0]
+  assert report_json["extra_evaluations"][1] == {
+      "name": "cf8", "metrics": "eval@cf8/...",
+      "settings": ["model.moe.router.capacity_factor_eval=8.0"]}
+  table = (tmp_path / "runs" / "pair" / "report" / "pair.md").read_text()
+  assert "`eval@cf8/...` under `model.moe.router.capacity_factor_eval=8.0`" in table
+  assert "| eval@same/loss | eval@cf8/moe/*/dropped_fraction |" in table
+  rerun = run_study(study_file, tmp_path / "runs", env, "--seeds", "0")
+  assert rerun.returncode == 0 and "evaluation 1/" not in rerun.stdout, rerun.stdout
+  assert snapshot(workdir, skip=(workdir / "train.log",)) == after
+
+
+@pytest.mark.parametrize("settings, message", [
+    (("model.moe.router.k=2",), r"Study.extra_evaluations\[0\] \(x\): model.moe.router.k is "
+     r"not a setting evaluation may change .*allowed: .*capacity_factor_eval"),
+    (("model.moe.router.capacity_factor_eval",), "must look like 'group.field=value'"),
+    ((), "must be a non-empty tuple"),
+])
+def test_bad_extra_evaluations_are_refused(settings, message):
+  with pytest.raises(StudyError, match=message):
+    Study("d", runs=(Run("a", "x.py"),), extra_evaluations=(Evaluation("x", settings),))
+
+
+def test_an_extra_evaluations_value_is_checked_with_the_runs_config(tmp_path):
+  study = Study("d", runs=(Run("a", "experiments/switch_small.py:tiny"),), extra_evaluations=(
+      Evaluation("neg", ("model.moe.router.capacity_factor_eval=-1.0",)),))
+  with pytest.raises(StudyError, match=r"run a: Study.extra_evaluations\[0\] \(neg\): "
+                     r"model.moe.router.capacity_factor_eval=-1.0"):
+    spec.jobs(study, tmp_path)
 
 
 def test_bad_study_input_is_one_line(tmp_path, env):

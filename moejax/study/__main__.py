@@ -88,7 +88,8 @@ def main(argv=None) -> int:
       return 0
     directory.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(directory):
-      outcome = runner.Runner(jobs, retry_failed=args.retry_failed).run()
+      runner_ = runner.Runner(jobs, retry_failed=args.retry_failed)
+      outcome = runner_.run()
       paths = write_report(name, study, jobs, args)
   except runner.Stop:
     print("study: stopped; the running job saved a checkpoint. Rerun the same command to "
@@ -98,6 +99,12 @@ def main(argv=None) -> int:
     print(f"moejax.study: {error}", file=sys.stderr, flush=True)
     return EXIT_USAGE
   print("study: wrote " + ", ".join(str(p) for p in paths), flush=True)
+  if runner_.failed_evaluations:
+    print(f"study: {len(runner_.failed_evaluations)} evaluation(s) failed: " +
+          ", ".join(f"{job.label} {e.name}" for job, e in runner_.failed_evaluations),
+          flush=True)
+    if not outcome["failed"]:
+      return EXIT_FAILED
   if outcome["failed"]:
     print(f"study: {len(outcome['failed'])} run(s) failed: " +
           ", ".join(job.label for job in outcome["failed"]), flush=True)

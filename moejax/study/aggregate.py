@@ -9,7 +9,9 @@ the final evaluation), plus:
   mean of the logged rates. Read from the file, it covers every session of a resumed run.
 * the study's metrics with a `*` (the mean over the MoE layers it matches);
 * `model/params_*` from the first record (the parameter counts);
-* `wall_seconds`: the run's wall time as the runner recorded it (every attempt).
+* `wall_seconds`: the run's wall time as the runner recorded it (every attempt);
+* the study's extra evaluations (`Evaluation`): "eval@<name>/loss", ".../perplexity",
+  ".../tokens" and ".../moe/<layer>/<metric>" from WORKDIR/eval_<name>.json.
 
 Over the seeds, every metric becomes {"mean", "std", "n", "values"}: `std` is the sample
 standard deviation (numpy's ddof=1), None when n < 2; `values` are the seeds' own values in the
@@ -18,6 +20,7 @@ order of `finished_seeds`. A non-finite value makes the mean and std None.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -28,7 +31,7 @@ import numpy as np
 from moejax import metrics as metrics_lib
 from moejax.model import active_ffn_flops_per_token
 from moejax.study.runner import RunRecord, is_finished
-from moejax.study.spec import TOKENS_PER_SEC, Job, Study
+from moejax.study.spec import TOKENS_PER_SEC, Evaluation, Job, Study
 
 STD_DEFINITION = "sample standard deviation over seeds (ddof=1); null when n < 2"
 
@@ -57,6 +60,8 @@ def seed_values(job: Job, study: Study) -> dict[str, float]:
   """Every metric of one finished job (see the module docstring)."""
   records = metrics_lib.read_jsonl(job.workdir / "metrics.jsonl")
   final = next(r for r in records if r["step"] == job.num_steps and "eval/loss" in r)
+  for evaluation in study.extra_evaluations:
+    final = {**final, **evaluation_values(job, evaluation)}
   values = {k: float(v) for k, v in final.items() if k != "step"}
   for key, value in records[0].items():
     if key.startswith("model/params_"):
@@ -71,6 +76,18 @@ def seed_values(job: Job, study: Study) -> dict[str, float]:
     values[TOKENS_PER_SEC] = throughput
   values["wall_seconds"] = RunRecord.read(job.workdir).wall_seconds
   return values
+
+
+def evaluation_values(job: Job, evaluation: Evaluation) -> dict[str, float]:
+  """The metrics of WORKDIR/eval_<name>.json as the trainer names its own, under
+  "eval@<name>/" ({} while the file does not exist)."""
+  path = job.workdir / evaluation.file_name
+  if not path.exists():
+    return {}
+  record = json.loads(path.read_text())
+  return metrics_lib.flatten_metrics(
+      {evaluation.prefix: {k: record[k] for k in ("loss", "perplexity", "tokens", "moe")
+                           if k in record}})
 
 
 def curve_values(job: Job, metric: str) -> list[tuple[int, float]]:
@@ -153,6 +170,8 @@ def aggregate(name: str, study: Study, jobs: Sequence[Job], command: str) -> dic
       "description": study.description,
       "command": command,
       "std": STD_DEFINITION,
+      "extra_evaluations": [{"name": e.name, "metrics": f"{e.prefix}/...",
+                             "settings": list(e.settings)} for e in study.extra_evaluations],
       "table_metrics": list(study.table_metrics),
       "plots": list(study.plots),
       "curves": list(study.curves),

@@ -92,6 +92,7 @@ def markdown(result: dict[str, Any], figures: Sequence[tuple[str, str]]) -> str:
            "tokens/s (compilation, evaluation and checkpoints excluded). Active FFN FLOPs per "
            "token: the forward FLOPs of the FFN and MoE blocks for the experts a token uses.",
            "",
+           *_extra_evaluations(result),
            "| run | active FFN MFLOPs/token | " + " | ".join(metrics) + " |",
            "|---|---:|" + "---:|" * len(metrics)]
   for run in result["runs"]:
@@ -119,6 +120,16 @@ def markdown(result: dict[str, Any], figures: Sequence[tuple[str, str]]) -> str:
   for label, file_name in figures:
     lines += ["", f"![{result['study']}: {label}]({file_name})", "", figure_reading(result, label)]
   return "\n".join(lines) + "\n"
+
+
+def _extra_evaluations(result: dict[str, Any]) -> list[str]:
+  """The paragraph naming the extra evaluations' settings (none: no lines)."""
+  if not result.get("extra_evaluations"):
+    return []
+  each = "; ".join(f"`{e['metrics']}` under " + " ".join(f"`{s}`" for s in e["settings"])
+                   for e in result["extra_evaluations"])
+  return [f"Each finished run is also evaluated, on the same validation batches, with settings "
+          f"that leave the trained model as it is: {each}.", ""]
 
 
 def figure_reading(result: dict[str, Any], label: str) -> str:

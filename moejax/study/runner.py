@@ -14,7 +14,9 @@ keep (`moejax.config.check_resume`) stops the study before anything trains: the 
 changed since the run was made, and the old results must not pass for the new setting.
 
 Each job runs in a subprocess of its own (one at a time: one heavy job per machine), so a crash
-of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner prints one
+of one run does not lose the others. Once every job has trained, the study's extra evaluations
+(`Evaluation`) of each finished job that lacks its WORKDIR/eval_<name>.json run the same way,
+each a `python -m moejax.evaluate` process whose output goes to the job's log. Its output goes to WORKDIR/train.log; the runner prints one
 progress line: which run of how many is going, and the time left, estimated from the finished
 runs' wall times (seconds per step) and the steps still to train. The runner's own record of a
 job (attempts, wall time, failure) is WORKDIR/study_run.json.
@@ -43,7 +45,7 @@ from moejax import config as config_lib
 from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
 from moejax import storage
-from moejax.study.spec import Job, StudyError
+from moejax.study.spec import Evaluation, Job, StudyError
 
 RECORD_FILE = "study_run.json"
 LOG_FILE = "train.log"
@@ -169,6 +171,7 @@ class Runner:
     self.stream = stream or sys.stdout
     self._child: subprocess.Popen | None = None
     self._stop_signal: int | None = None
+    self.failed_evaluations: list[tuple[Job, Evaluation]] = []
 
   # -- signals
 
@@ -193,6 +196,12 @@ class Runner:
     try:
       for index, job in enumerate(todo, start=1):
         self._run_job(job, index, todo)
+        if self._stop_signal is not None:
+          raise Stop()
+      evaluations = [(job, e) for job in self.jobs if status(job) == "finished"
+                     for e in job.extra_evaluations if not (job.workdir / e.file_name).exists()]
+      for index, (job, evaluation) in enumerate(evaluations, start=1):
+        self._evaluate(job, evaluation, f"evaluation {index}/{len(evaluations)}")
         if self._stop_signal is not None:
           raise Stop()
     finally:
@@ -241,6 +250,28 @@ class Runner:
     elif record.failed is not None:
       self._say(f"run {index}/{len(todo)} to do: {job.label} FAILED: {record.failed} "
                 f"(log: {log_path})")
+
+  def _evaluate(self, job: Job, evaluation: Evaluation, what: str) -> None:
+    """Runs one extra evaluation of a finished job (its output goes to the job's log)."""
+    self._say(f"{what}: {job.label} under {' '.join(evaluation.settings)}")
+    log_path = job.workdir / LOG_FILE
+    with log_path.open("a") as log:
+      log.write(f"$ {' '.join([sys.executable, *job.evaluation_argv(evaluation)])}\n")
+      log.flush()
+      self._child = subprocess.Popen([sys.executable, *job.evaluation_argv(evaluation)],
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, process_group=0,
+                                     preexec_fn=_die_with_parent)
+      returncode = self._child.wait()
+      self._child = None
+    if returncode == 0 or self._stop_signal is not None:
+      return
+    reason = _reason(log_path, returncode)
+    if returncode == EXIT_USAGE:
+      raise StudyError(f"run {job.run.name}, seed {job.seed}: evaluation {evaluation.name}: "
+                       f"{reason} (see {log_path})")
+    self.failed_evaluations.append((job, evaluation))
+    self._say(f"{what}: {job.label} FAILED: {reason} (log: {log_path})")
 
   def _wait(self, job: Job, index: int, todo: list[Job]) -> int:
     """Waits for the job's process, refreshing the progress line on a terminal."""

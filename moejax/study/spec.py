@@ -69,6 +69,33 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """A further evaluation of every finished run, under settings that leave the trained model as it
+  is (fields of `moejax.config.RESUMABLE_FIELDS`, such as the evaluation capacity factor).
+
+  The runner evaluates each finished run's last checkpoint with `python -m moejax.evaluate
+  --set=...` on the batches the trainer evaluates (`train.eval_batches` of the validation split)
+  into WORKDIR/eval_<name>.json; the report reads its metrics as the trainer's "eval/..." keys
+  with "eval@<name>" in place of "eval": "eval@cf1.0/loss", "eval@cf1.0/moe/*/dropped_fraction".
+
+  Attributes:
+    name: names the metrics and the file (letters, digits, `_ . -`).
+    settings: "path=value" settings, as `--set` takes them.
+  """
+
+  name: str
+  settings: tuple[str, ...]
+
+  @property
+  def prefix(self) -> str:
+    return f"eval@{self.name}"
+
+  @property
+  def file_name(self) -> str:
+    return f"eval_{self.name}.json"
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
   """A set of runs and what to report about them.
 
@@ -82,6 +109,8 @@ class Study:
     overrides: "path=value" settings of every run (before the run's own).
     evaluations: evaluations per run (`train.eval_every` = steps // evaluations, the last at the
       end); None keeps the experiment's `train.eval_every`.
+    extra_evaluations: `Evaluation`s of every finished run under other settings (their metrics
+      are "eval@<name>/...").
   """
 
   description: str
@@ -92,6 +121,7 @@ class Study:
   curves: tuple[str, ...] = ("eval/loss",)
   overrides: tuple[str, ...] = ()
   evaluations: int | None = 4
+  extra_evaluations: tuple[Evaluation, ...] = ()
 
   def __post_init__(self):
     if not self.runs:
@@ -109,6 +139,7 @@ class Study:
       _check_seeds(run.seeds if run.seeds is not None else self.seeds, f"run {run.name}: seeds")
       for text in (*self.overrides, *run.overrides):
         _check_override(text, f"run {run.name}")
+    _check_extra_evaluations(self.extra_evaluations)
     if self.evaluations is not None and self.evaluations < 1:
       raise StudyError(f"Study.evaluations={self.evaluations} must be >= 1 (or None).")
     for field in ("metrics", "plots", "curves"):
@@ -132,6 +163,29 @@ def _check_seeds(seeds, where: str) -> None:
     raise StudyError(f"{where}={seeds!r} must be a non-empty tuple of integers >= 0.")
   if len(set(seeds)) != len(seeds):
     raise StudyError(f"{where}={seeds!r} repeats a seed.")
+
+
+def _check_extra_evaluations(evaluations) -> None:
+  names = [getattr(e, "name", None) for e in evaluations]
+  for i, evaluation in enumerate(evaluations):
+    where = f"Study.extra_evaluations[{i}]"
+    if not isinstance(evaluation, Evaluation):
+      raise StudyError(f"{where} is {evaluation!r}, not an Evaluation.")
+    if not isinstance(evaluation.name, str) or not _NAME.match(evaluation.name):
+      raise StudyError(f"{where}: name={evaluation.name!r} must be letters, digits, '_', '.' or "
+                       "'-' (it names the metrics and the file).")
+    if names.count(evaluation.name) > 1:
+      raise StudyError(f"{where}: name={evaluation.name!r} is used twice.")
+    if isinstance(evaluation.settings, str) or not evaluation.settings:
+      raise StudyError(f"{where} ({evaluation.name}): settings={evaluation.settings!r} must be a "
+                       "non-empty tuple of 'path=value' strings.")
+    for text in evaluation.settings:
+      _check_override(text, f"{where} ({evaluation.name})")
+      path = text.partition("=")[0]
+      if path not in config_lib.RESUMABLE_FIELDS:
+        raise StudyError(f"{where} ({evaluation.name}): {path} is not a setting evaluation may "
+                         "change (it would not be the trained model); allowed: "
+                         f"{', '.join(config_lib.RESUMABLE_FIELDS)}.")
 
 
 def _check_override(text: str, where: str) -> None:
@@ -186,6 +240,7 @@ class Job:
     overrides: every "path=value" setting applied to the experiment, in order.
     experiment: the validated typed config (steps, batch, model) of the job.
     argv: the command that trains it (`python -m moejax.main ...`, without the interpreter).
+    extra_evaluations: the study's `Evaluation`s of the finished run.
   """
 
   run: Run
@@ -194,6 +249,15 @@ class Job:
   overrides: tuple[str, ...]
   experiment: ExperimentConfig
   argv: tuple[str, ...]
+  extra_evaluations: tuple[Evaluation, ...] = ()
+
+  def evaluation_argv(self, evaluation: Evaluation) -> tuple[str, ...]:
+    """`python -m moejax.evaluate ...` (without the interpreter) on the trainer's eval batches."""
+    batches = self.experiment.train.eval_batches
+    return ("-m", "moejax.evaluate", f"--workdir={self.workdir}",
+            *(f"--set={text}" for text in evaluation.settings),
+            *((f"--batches={batches}",) if batches else ()),
+            f"--output={self.workdir / evaluation.file_name}", "--quiet")
 
   @property
   def num_steps(self) -> int:
@@ -262,12 +326,22 @@ def jobs(study: Study, study_dir: pathlib.Path, *, steps: int | None = None,
             config, num_devices=_fewest_devices(config), num_processes=1)
       except ValueError as error:
         raise StudyError(f"{where}: {error}") from error
+      for i, evaluation in enumerate(study.extra_evaluations):
+        try:  # the values too, not only the fields
+          evaluated = config_lib.apply_overrides(ml_collections.ConfigDict(config.to_dict()),
+                                                 evaluation.settings)
+          config_lib.experiment_config_from(evaluated, num_devices=_fewest_devices(evaluated),
+                                            num_processes=1)
+        except ValueError as error:
+          raise StudyError(f"{where}: Study.extra_evaluations[{i}] ({evaluation.name}): "
+                           f"{error}") from error
       workdir = study_dir / run.name / f"seed_{seed}"
       file, sep, arg = run.experiment.partition(":")
       argv = ("-m", "moejax.main", f"--config={os.path.abspath(file)}{sep}{arg}",
               f"--workdir={workdir}", *(f"--config.{o}" for o in overrides))
       out.append(Job(run=run, seed=seed, workdir=workdir, overrides=overrides,
-                     experiment=experiment, argv=argv))
+                     experiment=experiment, argv=argv,
+                     extra_evaluations=study.extra_evaluations))
   return out
 
 
