@@ -18,9 +18,12 @@ as in the other small experiments; SwiGLU would need widths that are not whole n
 the FLOPs equal).
 
 Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` (or 4, 2) shards the 16 experts.
-Run time: not yet measured.
 
-Expected result: not yet measured.
+Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
+steps, validation every 125 steps): validation loss 4.170, nothing dropped at evaluation, MaxVio
+0.59. In the same study: dense_small 4.231, switch_small 4.204, gshard_small 4.176 (one seed
+each: differences under about 0.02 need more seeds). Run time: 11 minutes on the 2-core machine
+shared with other work; switch_small's 500 steps take about 7 minutes on a quiet machine.
 """
 
 from experiments import base
