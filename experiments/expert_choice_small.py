@@ -19,7 +19,11 @@ z-loss weight stays 0.001.
 
 Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` shards the experts.
 
-Expected result: not yet measured.
+Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
+steps, validation every 125 steps): validation loss 4.198, not comparable with the causal routers
+(see above); 2 experts per token on average, and 0.2% of the tokens of the second MoE layer (none
+of the first) reached no expert at evaluation. In the same study: dense_small 4.231, switch_small
+4.204, gshard_small 4.176. Run time: 12 minutes on the 2-core machine shared with other work.
 """
 
 from experiments import base

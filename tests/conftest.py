@@ -1,4 +1,12 @@
-"""Test set-up: 8 simulated CPU devices, configured before JAX initialises a backend."""
+"""Test set-up: 8 simulated CPU devices, configured before JAX initialises a backend.
+
+LLVM's optimisation of the generated CPU code is off (`--xla_backend_optimization_level=0`,
+inherited by the commands the tests start): the tests' programs are tiny, so compiling them is
+most of their time, and the level changes neither XLA's graph passes (fusion, sharding,
+collectives) nor any result beyond float rounding. `MOEJAX_TEST_XLA_OPT=1` keeps the default
+level. Runs that must match numbers made at the default level (the committed study report)
+set their own flags.
+"""
 
 import gc
 import os
@@ -7,7 +15,10 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags and not os.environ.get("MOEJAX_TEST_XLA_OPT"):
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402  (must follow the environment set-up above)
 import pytest  # noqa: E402

@@ -65,6 +65,8 @@ def _env(tmp: pathlib.Path, **extra: str) -> dict[str, str]:
              JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.update(extra)
+  # As the conftest does for the tests' own programs: compile time dominates these tiny runs.
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   return env
 
 
