@@ -98,10 +98,12 @@ class EinsumDispatcher:
     return jnp.where(self.routed_GS[..., None], y_GSM, jnp.zeros_like(y_GSM))
 
 
-# A scattered row costs about 3.5 gathered rows on XLA:CPU (benchmarks/moe_layer.py --routers,
-# expert choice at K = E = 8 against top-1 and top-2): work from the buffer side (see the module
-# docstring) where T*K >= BUFFER_SIDE_RATIO * R.
-BUFFER_SIDE_RATIO = 4
+# Work from the buffer side (see the module docstring) where T*K >= BUFFER_SIDE_RATIO * R. On
+# XLA:CPU a scatter-add row costs about 8 gathered rows, and benchmarks/index_sides.py (dispatch +
+# combine, forward+backward, T=8192, M=512) finds the buffer side at 5.2x the token side's time
+# for top-1 (T*K/R = 0.8), 1.26x for expert choice at capacity factor 2 (T*K/R = 4) and 0.76x at
+# factor 1 (T*K/R = 8): the sides break even near 6.
+BUFFER_SIDE_RATIO = 6
 
 
 class IndexDispatcher:
