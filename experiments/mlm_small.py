@@ -23,7 +23,7 @@ The reported "loss" and "perplexity" are the masked-token loss and exp of it: a 
 perplexity, not comparable with the causal experiments' numbers.
 
 Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` shards the experts.
-Run time: 8 minutes on the 2-core development machine, nothing else running (5.6k tokens/s).
+Run time: 7 minutes on the 2-core development machine, nothing else running (5.6k tokens/s).
 
 Measured result (seed 0, 500 steps, the command above): validation masked-token loss 4.671,
 masked-token perplexity 106.8 over 9,950 masked tokens; 0.68% and 0.46% of the tokens of the two
