@@ -246,6 +246,14 @@ RESUMABLE_FIELDS = (
     "model.moe.grouped_matmul", "model.moe.grouped_matmul_tile", "model.moe.exchange",
 )
 
+def check_evaluation_setting(path: str) -> None:
+  """Raises ValueError unless `path` is a setting under which a trained model may be evaluated
+  as it is (a field of RESUMABLE_FIELDS)."""
+  if path not in RESUMABLE_FIELDS:
+    raise ValueError(f"{path} is not a setting evaluation may change (it would not be the trained "
+                     f"model); allowed: {', '.join(RESUMABLE_FIELDS)}.")
+
+
 # Fields that may change on resume only between these values: einsum and index dispatch compute
 # the same numbers; dropless does not (it drops nothing where the capacity forms drop tokens).
 RESUMABLE_VALUES = {"model.moe.dispatch": {"einsum", "index"}}

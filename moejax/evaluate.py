@@ -36,7 +36,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from moejax import command, sharding, train
-from moejax.config import RESUMABLE_FIELDS, parse_value
+from moejax.config import check_evaluation_setting, parse_value
 from moejax import data as data_lib
 from moejax import workdir as workdir_lib
 
@@ -140,10 +140,10 @@ def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
     if not sep or not path:
       raise ValueError(f"--set={assignment!r} must look like group.field=value "
                        "(model.moe.router.capacity_factor_eval=1.0).")
-    if path not in RESUMABLE_FIELDS:
-      raise ValueError(f"--set={assignment}: {path} is not a setting evaluation may change (it "
-                       "would not be the trained model); allowed: " + ", ".join(RESUMABLE_FIELDS)
-                       + ".")
+    try:
+      check_evaluation_setting(path)
+    except ValueError as error:
+      raise ValueError(f"--set={assignment}: {error}") from None
     settings[path] = parse_value(text)
   return settings
 

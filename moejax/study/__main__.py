@@ -103,13 +103,10 @@ def main(argv=None) -> int:
     print(f"study: {len(runner_.failed_evaluations)} evaluation(s) failed: " +
           ", ".join(f"{job.label} {e.name}" for job, e in runner_.failed_evaluations),
           flush=True)
-    if not outcome["failed"]:
-      return EXIT_FAILED
   if outcome["failed"]:
     print(f"study: {len(outcome['failed'])} run(s) failed: " +
           ", ".join(job.label for job in outcome["failed"]), flush=True)
-    return EXIT_FAILED
-  return 0
+  return EXIT_FAILED if outcome["failed"] or runner_.failed_evaluations else 0
 
 
 if __name__ == "__main__":

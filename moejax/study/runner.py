@@ -14,12 +14,13 @@ keep (`moejax.config.check_resume`) stops the study before anything trains: the 
 changed since the run was made, and the old results must not pass for the new setting.
 
 Each job runs in a subprocess of its own (one at a time: one heavy job per machine), so a crash
-of one run does not lose the others. Once every job has trained, the study's extra evaluations
-(`Evaluation`) of each finished job that lacks its WORKDIR/eval_<name>.json run the same way,
-each a `python -m moejax.evaluate` process whose output goes to the job's log. Its output goes to WORKDIR/train.log; the runner prints one
+of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner prints one
 progress line: which run of how many is going, and the time left, estimated from the finished
 runs' wall times (seconds per step) and the steps still to train. The runner's own record of a
-job (attempts, wall time, failure) is WORKDIR/study_run.json.
+job (attempts, wall time, failure) is WORKDIR/study_run.json. Once every job has trained, the
+study's extra evaluations (`Evaluation`) of each finished job that lacks its
+WORKDIR/eval_<name>.json run the same way, each a `python -m moejax.evaluate` process whose output
+also goes to the job's train.log.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) to the study is forwarded to the running job as SIGTERM,
 which saves a checkpoint and exits; the study then stops, and the same command resumes it. A job
@@ -145,6 +146,14 @@ def _die_with_parent() -> None:
     return
 
 
+def _start(argv: Sequence[str], log) -> subprocess.Popen:
+  """`python ARGV` in its own process group, its command line and output appended to `log`."""
+  log.write(f"$ {' '.join([sys.executable, *argv])}\n")
+  log.flush()
+  return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent)
+
+
 def _reason(log_path: epath.Path, returncode: int) -> str:
   """One line saying why a job failed: its `moejax:` line, else its output's last line."""
   try:
@@ -223,11 +232,7 @@ class Runner:
     log_path = job.workdir / LOG_FILE
     start = time.monotonic()
     with log_path.open("a") as log:
-      log.write(f"$ {' '.join([sys.executable, *job.argv])}\n")
-      log.flush()
-      self._child = subprocess.Popen([sys.executable, *job.argv], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     process_group=0, preexec_fn=_die_with_parent)
+      self._child = _start(job.argv, log)
       if self._stop_signal is not None:  # a signal between the last job and this one
         self._child.send_signal(signal.SIGTERM)
       returncode = self._wait(job, index, todo)
@@ -256,12 +261,7 @@ class Runner:
     self._say(f"{what}: {job.label} under {' '.join(evaluation.settings)}")
     log_path = job.workdir / LOG_FILE
     with log_path.open("a") as log:
-      log.write(f"$ {' '.join([sys.executable, *job.evaluation_argv(evaluation)])}\n")
-      log.flush()
-      self._child = subprocess.Popen([sys.executable, *job.evaluation_argv(evaluation)],
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, process_group=0,
-                                     preexec_fn=_die_with_parent)
+      self._child = _start(job.evaluation_argv(evaluation), log)
       returncode = self._child.wait()
       self._child = None
     if returncode == 0 or self._stop_signal is not None:

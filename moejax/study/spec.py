@@ -181,11 +181,10 @@ def _check_extra_evaluations(evaluations) -> None:
                        "non-empty tuple of 'path=value' strings.")
     for text in evaluation.settings:
       _check_override(text, f"{where} ({evaluation.name})")
-      path = text.partition("=")[0]
-      if path not in config_lib.RESUMABLE_FIELDS:
-        raise StudyError(f"{where} ({evaluation.name}): {path} is not a setting evaluation may "
-                         "change (it would not be the trained model); allowed: "
-                         f"{', '.join(config_lib.RESUMABLE_FIELDS)}.")
+      try:
+        config_lib.check_evaluation_setting(text.partition("=")[0])
+      except ValueError as error:
+        raise StudyError(f"{where} ({evaluation.name}): {error}") from None
 
 
 def _check_override(text: str, where: str) -> None:
