@@ -5,8 +5,10 @@
 As `switch_small`, but each token goes to its two best experts with renormalised gates (Lepikhin
 et al. 2020), and each expert's F is halved (256) so that the active FFN FLOPs per token equal
 `dense_small`'s and `switch_small`'s. Capacity C = ceil(2 * 1.25 * S / E) = 40 slots per expert
-per group of S=128 in training (64 in evaluation). With k=2 a later token can take an earlier
-token's slot when capacity overflows (see moejax/model.py on causality).
+per group of S=128 in training (64 in evaluation), claimed token by token (causal). GShard's own
+order, every first choice before any second (Algorithm 1), is
+`--config.model.moe.router.claim_order=choice`; it lets a later token take an earlier token's slot,
+so the causal LM also needs `--config.model.moe.router.allow_noncausal=True` for it.
 
 Hardware: one CPU. Run time on the 2-core development machine: about 5-6 minutes (about 7k training
 tokens/s). Expected result (seed 0): validation loss 4.171, perplexity 64.8 after 500 steps.

@@ -34,7 +34,9 @@ from etils import epath
 from moejax import sharding, storage, typed_config
 from moejax.data.config import DataConfig
 from moejax.model import ModelConfig, model_config_from
+from moejax.moe import DispatchKind
 from moejax.optim import OptimizerConfig
+from moejax.routing import ClaimOrder
 from moejax.typed_config import ConfigError
 
 GROUPS = ("model", "data", "mesh", "sharding_rules", "optimizer", "train")
@@ -233,7 +235,8 @@ CONFIG_FILE = "config.json"
 
 # Fields a rerun on an existing workdir may change: the run's length and cadence, the layout
 # (checkpoints restore onto any mesh), where the data lives and how it is read (the token stream does
-# not depend on it), evaluation-only settings, and implementation choices with identical numbers.
+# not depend on it), evaluation-only settings, implementation choices with identical numbers, and
+# the permission to run a non-causal router (it changes no number).
 # Any other change would silently continue a different experiment from the old state.
 RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -244,6 +247,7 @@ RESUMABLE_FIELDS = (
     "data.prefetch_buffer_size",
     "model.moe.dispatch", "model.moe.expert_loop", "model.moe.router.capacity_factor_eval",
     "model.moe.grouped_matmul", "model.moe.grouped_matmul_tile", "model.moe.exchange",
+    "model.moe.router.allow_noncausal",
 )
 
 def check_evaluation_setting(path: str) -> None:
@@ -273,10 +277,12 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
   if resuming and path.exists():
     old = json.loads(path.read_text())
     changes = typed_config.differences(old, json.loads(json.dumps(new)))
-    # A field added to moejax after the workdir's config was saved, at its default, is no change.
+    # A field added to moejax after the workdir's config was saved held what moejax did before
+    # it existed: its default, or the value BEFORE_FIELD gives.
     defaults = json.loads(json.dumps(typed_config.as_plain(default_config().to_dict())))
-    changes = [(field, before, after) for field, before, after in changes
-               if not (before == typed_config.MISSING and after == _at(defaults, field))]
+    changes = [(field, _saved_value(field, before, after, experiment, defaults), after)
+               for field, before, after in changes]
+    changes = [change for change in changes if change[1] != change[2]]
     refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS or not (
         {c[1], c[2]} <= RESUMABLE_VALUES.get(c[0], {c[1], c[2]}))]
     if refused:
@@ -289,6 +295,35 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
   if write:
     storage.replace_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
   return changes
+
+
+def _claim_order_before_field(experiment: ExperimentConfig) -> str:
+  """Capacity was claimed choice-major (every first choice before any second) before
+  `claim_order` existed; where the claim order cannot matter (k = 1, dropless experts, a kind
+  without a claim) the field's default is what such a run did."""
+  moe = experiment.model.moe
+  if moe is None or moe.dispatch is DispatchKind.DROPLESS:
+    return ClaimOrder.POSITION.value
+  router = moe.router
+  if "claim_order" not in router.family.reads or "claim_order" in router.unused_fields():
+    return ClaimOrder.POSITION.value
+  return ClaimOrder.CHOICE.value
+
+
+# Fields added to moejax whose absence from a saved config means something other than the
+# field's default: path -> (the experiment -> the value its runs had before the field existed).
+BEFORE_FIELD = {"model.moe.router.claim_order": _claim_order_before_field}
+
+
+def _saved_value(path: str, saved: Any, now: Any, experiment: ExperimentConfig,
+                 defaults: dict) -> Any:
+  """`saved`, or for a field the saved config lacks, what the run had: the BEFORE_FIELD value, or
+  else the field's default, which is no change when it is `now`'s value."""
+  if saved != typed_config.MISSING:
+    return saved
+  if path in BEFORE_FIELD:
+    return BEFORE_FIELD[path](experiment)
+  return now if now == _at(defaults, path) else saved
 
 
 def _at(tree: dict, path: str) -> Any:

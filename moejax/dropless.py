@@ -63,7 +63,7 @@ DROPLESS_FIELDS = {"grouped_matmul": GroupedMatmulImpl.AUTO, "grouped_matmul_til
                    "exchange": ExchangeKind.AUTO, "exchange_buffer_factor": None}
 # Router fields of the capacity claim, which dropless experts skip.
 CAPACITY_FIELDS = ("capacity_factor_train", "capacity_factor_eval", "min_capacity",
-                   "batch_prioritized")
+                   "batch_prioritized", "claim_order")
 
 
 def check_capacity_form(config) -> None:

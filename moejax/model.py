@@ -23,15 +23,13 @@ Sharding: every parameter names its logical axes (`sharding.param`); under `jax.
 dense parts are plain jnp code partitioned by the compiler (batch over ("data", "expert"), heads
 and F over "model"), and each MoeLayer runs its own `shard_map`.
 
-Causality caveat: token-choice routing with a capacity limit lets tokens compete for expert slots
-within a routing group. With top-1 routing in position order and groups no longer than a sequence
-(`group_size` dividing L) the model is exactly causal. Groups spanning several sequences,
-batch-prioritized routing, or k >= 2 (every first choice claims a slot before any second choice)
-let a later token change whether an earlier token is dropped when capacity overflows. None of
-this matters to a masked LM, whose every position sees the whole sequence anyway.
-
-Routers that decide from the whole group (expert choice, soft MoE, Sinkhorn in training) are not
-causal at all: in the causal LM `check_causality` refuses them unless
+Causality: token-choice routing with a capacity limit lets tokens compete for expert slots within a
+routing group. Claimed in position order (`model.moe.router.claim_order="position"`, the default),
+a token's slots depend only on the tokens before it in its group: earlier positions of its own
+sequence and, where a group spans several sequences, earlier sequences of the batch, never a later
+position of its own. Batch-prioritised claims, GShard's choice order with k >= 2, and the routers
+that decide from the whole group (expert choice, soft MoE, Sinkhorn in training) let a later token
+change an earlier token's routing: in the causal LM `check_causality` refuses them unless
 `model.moe.router.allow_noncausal=True`; the masked LM (`model.objective="masked_lm"`) takes any.
 """
 
@@ -193,23 +191,25 @@ def check_causality(config: ModelConfig) -> None:
   """Refuses a router that looks at later tokens in this causal language model, unless allowed.
 
   Expert choice, soft MoE and Sinkhorn in training decide a token's routing from every token of
-  its group, so a token's output can depend on later tokens: next-token prediction then sees the
-  future. Such a router needs `model.moe.router.allow_noncausal=True`, and its results are
-  non-causal. A bidirectional (masked-LM) model, where every router is legitimate, skips this
-  check. Raises ConfigError naming the router kind and the flag.
+  its group; batch-prioritised and choice-ordered capacity claims let a later token take an
+  earlier token's slot. A token's output can then depend on later tokens: next-token prediction
+  sees the future. Such a router needs `model.moe.router.allow_noncausal=True`, and its results
+  are non-causal. A bidirectional (masked-LM) model, where every router is legitimate, skips this
+  check. Raises ConfigError naming the field that makes the router non-causal and the flag.
   """
   if config.moe is None or not config.causal:
     return
   router = config.moe.router
-  noncausal = [mode for mode, train in (("training", True), ("evaluation", False))
-               if not router.causal(train=train)]
+  reasons = {mode: router.lookahead(train=train)
+             for mode, train in (("training", True), ("evaluation", False))}
+  noncausal = [mode for mode, reason in reasons.items() if reason is not None]
   if noncausal and not router.allow_noncausal:
+    field, why = reasons[noncausal[0]]
     raise ConfigError(
-        typed_config.path_of(router, "kind"), router.kind,
-        f"is not causal in {' and '.join(noncausal)}: a token's routing depends on later tokens "
-        "of its group, which the causal language model does not allow. Set "
-        f"{typed_config.path_of(router, 'allow_noncausal')}=True to use it anyway (the results "
-        "are then non-causal), or choose a causal router.")
+        typed_config.path_of(router, field), getattr(router, field),
+        f"is not causal in {' and '.join(noncausal)}: {why}, which the causal language model "
+        f"does not allow. Set {typed_config.path_of(router, 'allow_noncausal')}=True to use it "
+        "anyway (the results are then non-causal), or choose a causal router.")
 
 
 def model_config_from(cfg: ml_collections.ConfigDict | Mapping, *,

@@ -54,6 +54,48 @@ def test_allow_noncausal_is_unused_with_a_causal_router():
     _model("switch", allow_noncausal=True)
 
 
+@pytest.mark.parametrize("field,value,router_kw,why", [
+    ("claim_order", "choice", dict(kind="gshard", claim_order="choice"),
+     "every first choice claims capacity before any second choice"),
+    ("batch_prioritized", True, dict(kind="switch", batch_prioritized=True),
+     "capacity is claimed in order of router confidence"),
+])
+def test_a_capacity_claim_that_looks_ahead_is_refused_naming_its_field(field, value, router_kw,
+                                                                       why):
+  router = RouterConfig(num_experts=4, **router_kw)
+  assert not router.causal(train=True) and not router.causal(train=False)
+  moe = MoeConfig(router=router, ffn_dim=32, group_size=8)
+  with pytest.raises(ConfigError) as error:
+    ModelConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, head_dim=8, ffn_dim=32,
+                moe_every=1, moe=moe)
+  message = str(error.value)
+  assert error.value.field == f"model.moe.router.{field}"
+  assert message.startswith(f"model.moe.router.{field}={value!r} is not causal in training and "
+                            f"evaluation: {why}"), message
+  assert "model.moe.router.allow_noncausal=True" in message
+  allowed = RouterConfig(num_experts=4, allow_noncausal=True, **router_kw)
+  check_causality(ModelConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, head_dim=8,
+                              ffn_dim=32, moe_every=1,
+                              moe=MoeConfig(router=allowed, ffn_dim=32, group_size=8)))
+
+
+def test_position_claim_order_is_causal_and_the_default():
+  for kind, kw in (("gshard", {}), ("topk", dict(k=3)), ("deepseek", dict(k=2))):
+    router = RouterConfig(kind=kind, num_experts=4, **kw)
+    assert router.claim_order.value == "position"
+    assert router.causal(train=True) and router.causal(train=False)
+
+
+def test_claim_order_is_unused_with_one_choice_per_token():
+  with pytest.raises(ConfigError, match=r"model\.moe\.router\.claim_order=.*choice.* is not "
+                     r"used.*model\.moe\.router\.k=1: each token makes one claim"):
+    RouterConfig(kind="switch", num_experts=4, claim_order="choice")
+  with pytest.raises(ConfigError, match=r"claim_order"):
+    RouterConfig(kind="topk", k=1, num_experts=4, claim_order="choice")
+  with pytest.raises(ConfigError, match=r"claim_order"):
+    RouterConfig(kind="expert_choice", num_experts=4, claim_order="choice")
+
+
 def test_dense_model_has_no_router_to_check():
   config = ModelConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2, head_dim=8,
                        ffn_dim=32, moe_every=0)
@@ -66,9 +108,11 @@ def test_dense_model_has_no_router_to_check():
 # so that tokens overflow), with what it needs to run.
 LAYER_ROUTERS = {
     "switch": dict(capacity_factor_train=0.5, capacity_factor_eval=0.5),
-    "switch_batch_prioritized": dict(kind="switch", batch_prioritized=True,
+    "switch_batch_prioritized": dict(kind="switch", batch_prioritized=True, allow_noncausal=True,
                                      capacity_factor_train=0.5, capacity_factor_eval=0.5),
     "gshard": dict(capacity_factor_train=0.5, capacity_factor_eval=0.5),
+    "gshard_choice_order": dict(kind="gshard", claim_order="choice", allow_noncausal=True,
+                                capacity_factor_train=0.5, capacity_factor_eval=0.5),
     "topk": dict(k=2, capacity_factor_train=0.5, capacity_factor_eval=0.5),
     "noisy_topk": dict(k=2, capacity_factor_train=0.5, capacity_factor_eval=0.5),
     "expert_choice": dict(allow_noncausal=True),
@@ -78,6 +122,8 @@ LAYER_ROUTERS = {
     "hash": dict(capacity_factor_train=0.5, capacity_factor_eval=0.5),
     "random": dict(k=1, capacity_factor_train=0.5, capacity_factor_eval=0.5),
     "deepseek": dict(k=2, capacity_factor_train=0.5, capacity_factor_eval=0.5),
+    "deepseek_choice_order": dict(kind="deepseek", k=2, claim_order="choice", allow_noncausal=True,
+                                  capacity_factor_train=0.5, capacity_factor_eval=0.5),
 }
 
 
@@ -87,20 +133,8 @@ def _outputs(layer, x, ids, train):
       x, token_ids_BL=ids, train=train)[0])(state, x, ids))
 
 
-# OPEN BUG (issue 9): these declare themselves causal, yet when capacity drops assignments a later
-# token can push an earlier token's assignment out of its expert's buffer. Token choice with k >= 2
-# claims capacity k-major (every token's first choice, then every second choice: GShard's order),
-# so a later token's first choice outranks an earlier token's second; batch-prioritised claiming
-# orders by router confidence. Nothing leaks while nothing is dropped (dropless, or capacity
-# enough). Strict: the test fails once the declarations or the claim order are fixed.
-LEAKS_UNDER_CAPACITY = {"gshard", "topk", "noisy_topk", "deepseek", "switch_batch_prioritized"}
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="k-major or confidence-ordered "
-                                               "capacity claim; declared causal (open bug)"))
-    if name in LEAKS_UNDER_CAPACITY else name for name in sorted(LAYER_ROUTERS)])
+@pytest.mark.parametrize("name", sorted(LAYER_ROUTERS))
 def test_a_router_declared_causal_never_lets_a_later_token_change_an_earlier_output(name, train):
   """Changing the tokens from position j on leaves the layer's outputs before j bitwise
   unchanged for a router that declares itself causal; a non-causal one changes some."""

@@ -68,6 +68,9 @@ CONTEXT = {
     _ROUTER + "normalize_weights": {_ROUTER + "kind": "topk", _ROUTER + "k": 2},
     _ROUTER + "second_expert_": {_ROUTER + "kind": "gshard"},
     _ROUTER + "allow_noncausal": {_ROUTER + "kind": "expert_choice"},
+    # Capacity claims that let a later token take an earlier token's slot (not causal).
+    _ROUTER + "batch_prioritized": {_ROUTER + "allow_noncausal": True},
+    _ROUTER + "claim_order": {_ROUTER + "kind": "gshard", _ROUTER + "allow_noncausal": True},
     _ROUTER + "noisy_topk.": {_ROUTER + "kind": "noisy_topk", _ROUTER + "k": 2},
     _ROUTER + "noisy_topk.noise_std": {_ROUTER + "kind": "noisy_topk", _ROUTER + "k": 2,
                                        _ROUTER + "noisy_topk.noise": "fixed"},
@@ -308,3 +311,33 @@ def test_a_field_added_since_the_saved_config_is_no_change_at_its_default(tmp_pa
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ConfigError, match=r"train\.seed: '<missing>' -> 1"):
     config_lib.check_resume(tmp_path, _experiment(("train.seed", 1)), resuming=True)
+
+
+def _saved_without_claim_order(tmp_path, *overrides):
+  config_lib.check_resume(tmp_path, _experiment(*overrides), resuming=False)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["model"]["moe"]["router"]["claim_order"]  # saved before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+
+
+def test_a_top2_run_saved_before_claim_order_existed_resumes_only_in_its_choice_order(tmp_path):
+  # Such runs claimed capacity choice-major; the new default (position) would change them.
+  top2 = (("model.moe.router.kind", "gshard"),)
+  _saved_without_claim_order(tmp_path, *top2)
+  with pytest.raises(ConfigError, match=r"model\.moe\.router\.claim_order: 'choice' -> "
+                     r"'position'") as error:
+    config_lib.check_resume(tmp_path, _experiment(*top2), resuming=True)
+  assert error.value.field == "model.moe.router.claim_order"
+  old_order = top2 + (("model.moe.router.claim_order", "choice"),
+                      ("model.moe.router.allow_noncausal", True))
+  assert config_lib.check_resume(tmp_path, _experiment(*old_order), resuming=True) == [
+      ("model.moe.router.allow_noncausal", False, True)]
+
+
+@pytest.mark.parametrize("overrides", [(), (("model.moe.dispatch", "dropless"),
+                                            ("model.moe.router.kind", "topk"),
+                                            ("model.moe.router.k", 2))],
+                         ids=["top1", "dropless_top2"])
+def test_a_run_whose_claim_order_cannot_matter_resumes_without_the_field(tmp_path, overrides):
+  _saved_without_claim_order(tmp_path, *overrides)
+  assert config_lib.check_resume(tmp_path, _experiment(*overrides), resuming=True) == []

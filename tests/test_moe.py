@@ -4,9 +4,10 @@ Sizes: M=16, F=32, E=8, S=8 and x of shape (B, L, M) = (8, 16, 16), so 128 token
 with min_capacity=1 and small capacity factors, C is a few slots and many tokens overflow.
 
 The numpy reference (`reference`) recomputes everything from the layer's own parameters in
-float64: logits, softmax, top-k, capacity claimed k-major then in position order per group of S
-tokens, and for each token the sum over its kept experts of weight * expert_ffn(x). The float32
-layer is compared with rtol=1e-5, atol=1e-6 (outputs are O(1)).
+float64: logits, softmax, top-k, capacity claimed in position order per group of S tokens (token by
+token, or choice-major with `claim_order="choice"`), and for each token the sum over its kept
+experts of weight * expert_ffn(x). The float32 layer is compared with rtol=1e-5, atol=1e-6
+(outputs are O(1)).
 
 Multi-device comparisons (sharded vs single device, einsum vs index) use rtol=1e-5 and an
 absolute tolerance of 1e-6 times the largest magnitude of the array compared (`assert_close`).
@@ -91,14 +92,17 @@ def reference(layer, x_BLM, mask_BL=None, *, capacity, second_kept_T=None):
   if second_kept_T is not None:
     active_TK[:, 1] &= second_kept_T
   keep_TK = np.zeros_like(active_TK)
+  choice_major = rc.claim_order.value == "choice"
   for g in range(len(x_TM) // S):
     count_E = np.zeros(E, int)
-    for k in range(K):
-      for t in range(g * S, (g + 1) * S):
-        e = expert_TK[t, k]
-        if active_TK[t, k] and count_E[e] < capacity:
-          keep_TK[t, k] = True
-          count_E[e] += 1
+    tokens = range(g * S, (g + 1) * S)
+    queue = ([(t, k) for k in range(K) for t in tokens] if choice_major else
+             [(t, k) for t in tokens for k in range(K)])
+    for t, k in queue:
+      e = expert_TK[t, k]
+      if active_TK[t, k] and count_E[e] < capacity:
+        keep_TK[t, k] = True
+        count_E[e] += 1
   # Every expert on every token (cheap at this size), then pick each token's kept experts.
   wi, wo = (np.asarray(w[...], np.float64) for w in (layer.wi, layer.wo))
   h_TEF = np.einsum("TM,EMF->TEF", x_TM, wi)
@@ -155,6 +159,7 @@ def assert_matches_reference(y, aux, ref, *, tag=""):
 @pytest.mark.parametrize("activation,kind,router_kw", [
     ("relu", "switch", {}),
     ("gelu", "gshard", {}),
+    ("gelu", "gshard", dict(claim_order="choice")),
     ("swiglu", "topk", dict(k=3, normalize_weights=False)),
 ])
 def test_layer_matches_token_reference(activation, kind, router_kw):

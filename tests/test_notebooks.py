@@ -153,16 +153,24 @@ def _top(scores_SE, k):
   return [[int(e) for e in np.argsort(-row, kind="stable")[:k]] for row in scores_SE]
 
 
-def _claim(choices, capacity):
-  """The kept experts of each token: first choices claim slots before second choices, tokens in
-  position order, at most `capacity` per expert."""
+def _claim(choices, capacity, *, choice_major=False):
+  """The kept experts of each token, at most `capacity` tokens per expert.
+
+  Assignments claim slots one after another; one past its expert's capacity is dropped. The
+  order: token by token in position order, each token's choices in preference order (the default,
+  `claim_order="position"`); with `choice_major`, every token's first choice (tokens in position
+  order), then every second choice, ... (GShard's Algorithm 1, `claim_order="choice"`).
+  """
+  order = [(s, k) for s, c in enumerate(choices) for k in range(len(c))]
+  if choice_major:
+    order.sort(key=lambda sk: (sk[1], sk[0]))
   count = [0] * E
   keep = [[False] * len(c) for c in choices]
-  for k in range(max(len(c) for c in choices)):
-    for s, c in enumerate(choices):
-      if k < len(c) and count[c[k]] < capacity:
-        count[c[k]] += 1
-        keep[s][k] = True
+  for s, k in order:
+    expert = choices[s][k]
+    if count[expert] < capacity:
+      count[expert] += 1
+      keep[s][k] = True
   return [[e for e, kept in zip(c, keep[s]) if kept] for s, c in enumerate(choices)]
 
 
@@ -245,6 +253,28 @@ def test_walkthrough_inputs_are_the_hand_written_ones():
                              atol=WEIGHT_ATOL)
   np.testing.assert_allclose(_matrix("H(x) = logits + 1.0 * noise", text, S),
                              LOGITS_SE + NOISE_SE, atol=1e-6)
+
+
+def test_gshard_claim_orders():
+  """Position order (the default) against GShard's choice order, on the same top-2 choices."""
+  text = _walkthrough()
+  probs_SE = _softmax(LOGITS_SE)
+  choices = _top(probs_SE, 2)
+  renormalised = lambda s, e: probs_SE[s, e] / probs_SE[s, choices[s]].sum()
+  by_position = _claim(choices, 4)
+  by_choice = _claim(choices, 4, choice_major=True)
+  for label, kept in [("gshard position order", by_position), ("gshard choice order", by_choice)]:
+    _assert_decision(label, text, kept, _weights(kept, renormalised))
+  # Expert 1's 4 slots: tokens 0, 1, 2 and 5 in position order; in choice order token 7's first
+  # choice comes before token 5's second.
+  differ = [(s, k, e, e in by_position[s], e in by_choice[s]) for s, c in enumerate(choices)
+            for k, e in enumerate(c) if (e in by_position[s]) != (e in by_choice[s])]
+  assert differ == [(5, 1, 1, True, False), (7, 0, 1, False, True)]
+  printed = re.findall(r"^differs: token (\d+) choice (\d+) \(expert (\d+)\): kept in position "
+                       r"order (True|False), in choice order (True|False)$", text, re.M)
+  assert printed == [tuple(str(v) for v in row) for row in differ]
+  assert "GShard choice order: dropped tokens []" in text
+  assert "causal in training: position order True, choice order False" in text
 
 
 def test_noisy_topk_decision_and_losses():

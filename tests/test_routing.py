@@ -207,13 +207,33 @@ _GSHARD_PROBS = [[
 ]]
 
 
-def test_gshard_renormalised_gates_and_first_choices_before_second_choices():
-  # Capacity factor 0.75 -> C = ceil(2 * 0.75 * 4 / 3) = 2.
+def test_gshard_position_order_claims_token_by_token():
+  # Capacity factor 0.75 -> C = ceil(2 * 0.75 * 4 / 3) = 2. Token by token, each token's first
+  # choice then its second: t0 -> e1 (slot 0), e2 (0); t1 -> e0 (0), e1 (1); t2 -> e0 (1),
+  # e1 full; t3 -> e1 full, e0 full. t3 loses both: the earlier tokens' second choices came first.
+  config = _config(kind="gshard", capacity_factor_train=0.75)
+  decision = _route(_logits(_GSHARD_PROBS), config, train=True)
+  assert decision.capacity == 2
+  _assert_combine(decision, [[
+      [[o, o], [2 / 3, o], [1 / 3, o]],  # t0
+      [[0.625, o], [o, 0.375], [o, o]],  # t1
+      [[o, 2 / 3], [o, o], [o, o]],  # t2 (second choice e1 dropped)
+      [[o, o], [o, o], [o, o]],  # t3 (dropped)
+  ]])
+  metrics = decision.metrics
+  np.testing.assert_allclose(metrics["expert_load"], [3 / 8, 4 / 8, 1 / 8], atol=ATOL)
+  np.testing.assert_allclose(metrics["dropped_fraction"], 1 / 4, atol=ATOL)  # t3
+  np.testing.assert_allclose(metrics["dropped_assignment_fraction"], 3 / 8, atol=ATOL)
+  np.testing.assert_allclose(metrics["capacity_utilisation"], 5 / 6, atol=ATOL)
+
+
+def test_gshard_choice_order_claims_first_choices_before_second_choices():
+  # C = 2 as above, with GShard's Algorithm 1 order (claim_order="choice").
   # First choices claim first: e1 <- t0 (slot 0), t3 (slot 1); e0 <- t1 (0), t2 (1).
   # Then second choices: t0 -> e2 slot 0; t1, t2 -> e1 full; t3 -> e0 full.
-  # In a token-by-token order t1's second choice would have taken e1 slot 1 before t3's first
-  # choice; GShard gives every first choice precedence, so t3 keeps its first choice instead.
-  config = _config(kind="gshard", capacity_factor_train=0.75)
+  # Token by token, t1's second choice would have taken e1 slot 1 before t3's first choice;
+  # GShard gives every first choice precedence, so t3 keeps its first choice instead.
+  config = _config(kind="gshard", capacity_factor_train=0.75, claim_order="choice")
   decision = _route(_logits(_GSHARD_PROBS), config, train=True)
   assert decision.capacity == 2
   expected = [[
@@ -232,27 +252,37 @@ def test_gshard_renormalised_gates_and_first_choices_before_second_choices():
   np.testing.assert_allclose(metrics["capacity_utilisation"], 5 / 6, atol=ATOL)  # 5 / (3 * 2)
 
 
-def test_gshard_policy_all_with_capacity_three():
+@pytest.mark.parametrize("claim_order", ["position", "choice"])
+def test_gshard_policy_all_with_capacity_three(claim_order):
   # Capacity factor 1.125 -> C = 2 * 1.125 * 4 / 3 = 3.
-  # First choices: e1 <- t0 (0), t3 (1); e0 <- t1 (0), t2 (1).
-  # Second choices in position order: t0 -> e2 (0); t1 -> e1 (2); t2 -> e1 full; t3 -> e0 (2).
-  config = _config(kind="gshard", capacity_factor_train=1.125)
+  config = _config(kind="gshard", capacity_factor_train=1.125, claim_order=claim_order)
   decision = _route(_logits(_GSHARD_PROBS), config, train=True)
   assert decision.capacity == 3
-  expected = [[
-      [[o, o, o], [2 / 3, o, o], [1 / 3, o, o]],  # t0
-      [[0.625, o, o], [o, o, 0.375], [o, o, o]],  # t1
-      [[o, 2 / 3, o], [o, o, o], [o, o, o]],  # t2 (second choice dropped)
-      [[o, o, 2 / 9], [o, 7 / 9, o], [o, o, o]],  # t3
-  ]]
+  if claim_order == "position":
+    # t0 -> e1 (0), e2 (0); t1 -> e0 (0), e1 (1); t2 -> e0 (1), e1 (2); t3 -> e1 full, e0 (2).
+    expected = [[
+        [[o, o, o], [2 / 3, o, o], [1 / 3, o, o]],  # t0
+        [[0.625, o, o], [o, 0.375, o], [o, o, o]],  # t1
+        [[o, 2 / 3, o], [o, o, 1 / 3], [o, o, o]],  # t2
+        [[o, o, 2 / 9], [o, o, o], [o, o, o]],  # t3 (first choice dropped)
+    ]]
+  else:
+    # First choices: e1 <- t0 (0), t3 (1); e0 <- t1 (0), t2 (1).
+    # Second choices in position order: t0 -> e2 (0); t1 -> e1 (2); t2 -> e1 full; t3 -> e0 (2).
+    expected = [[
+        [[o, o, o], [2 / 3, o, o], [1 / 3, o, o]],  # t0
+        [[0.625, o, o], [o, o, 0.375], [o, o, o]],  # t1
+        [[o, 2 / 3, o], [o, o, o], [o, o, o]],  # t2 (second choice dropped)
+        [[o, o, 2 / 9], [o, 7 / 9, o], [o, o, o]],  # t3
+    ]]
   _assert_combine(decision, expected)
 
 
-def test_gshard_random_policy_frees_a_slot_for_a_later_second_choice():
+def test_gshard_random_policy_frees_a_slot_for_a_later_token():
   # As above (C = 3), threshold 0.5, so a second expert is kept iff uniform < g2 / 0.5:
   #   t0: 0.00 < (1/3)/.5 = .667 kept;  t1: 0.99 < .375/.5 = .75 switched off;
   #   t2: 0.00 < .667 kept;             t3: 0.00 < (2/9)/.5 = .444 kept.
-  # t1's second choice no longer claims e1 slot 2, so t2's second choice gets it.
+  # t1's second choice no longer claims e1 slot 1, so t3's first choice gets e1's last slot.
   # The first gate stays renormalised over the two experts (t1 keeps .625).
   config = _config(kind="gshard", capacity_factor_train=1.125, second_expert_policy="random",
                    second_expert_threshold=0.5)
@@ -261,8 +291,8 @@ def test_gshard_random_policy_frees_a_slot_for_a_later_second_choice():
   expected = [[
       [[o, o, o], [2 / 3, o, o], [1 / 3, o, o]],  # t0
       [[0.625, o, o], [o, o, o], [o, o, o]],  # t1 (second expert switched off)
-      [[o, 2 / 3, o], [o, o, 1 / 3], [o, o, o]],  # t2
-      [[o, o, 2 / 9], [o, 7 / 9, o], [o, o, o]],  # t3
+      [[o, 2 / 3, o], [o, 1 / 3, o], [o, o, o]],  # t2
+      [[o, o, 2 / 9], [o, o, 7 / 9], [o, o, o]],  # t3
   ]]
   _assert_combine(decision, expected)
 
@@ -277,11 +307,12 @@ def test_gshard_random_policy_uses_renormalised_second_gate():
   uniform = jnp.array([[0.7, 0.5, 0.6, 0.9]], jnp.float32)
   decision = _route(_logits(_GSHARD_PROBS), config, train=True, uniform_GS=uniform)
   assert decision.capacity == 4
+  # Slots token by token: t0 -> e1 (0); t1 -> e0 (0), e1 (1); t2 -> e0 (1), e1 (2); t3 -> e1 (3).
   expected = [[
       [[o, o, o, o], [2 / 3, o, o, o], [o, o, o, o]],  # t0
-      [[0.625, o, o, o], [o, o, 0.375, o], [o, o, o, o]],  # t1
-      [[o, 2 / 3, o, o], [o, o, o, 1 / 3], [o, o, o, o]],  # t2
-      [[o, o, o, o], [o, 7 / 9, o, o], [o, o, o, o]],  # t3
+      [[0.625, o, o, o], [o, 0.375, o, o], [o, o, o, o]],  # t1
+      [[o, 2 / 3, o, o], [o, o, 1 / 3, o], [o, o, o, o]],  # t2
+      [[o, o, o, o], [o, o, o, 7 / 9], [o, o, o, o]],  # t3
   ]]
   _assert_combine(decision, expected)
   metrics = decision.metrics
@@ -290,9 +321,9 @@ def test_gshard_random_policy_uses_renormalised_second_gate():
   # In evaluation the random policy is off: every second expert is used, uniforms or not.
   expected_eval = [[
       [[o, o, o, o], [2 / 3, o, o, o], [1 / 3, o, o, o]],  # t0
-      [[0.625, o, o, o], [o, o, 0.375, o], [o, o, o, o]],  # t1
-      [[o, 2 / 3, o, o], [o, o, o, 1 / 3], [o, o, o, o]],  # t2
-      [[o, o, 2 / 9, o], [o, 7 / 9, o, o], [o, o, o, o]],  # t3
+      [[0.625, o, o, o], [o, 0.375, o, o], [o, o, o, o]],  # t1
+      [[o, 2 / 3, o, o], [o, o, 1 / 3, o], [o, o, o, o]],  # t2
+      [[o, o, 2 / 9, o], [o, o, o, 7 / 9], [o, o, o, o]],  # t3
   ]]
   _assert_combine(_route(_logits(_GSHARD_PROBS), config, train=False, uniform_GS=uniform),
                   expected_eval)
@@ -324,27 +355,39 @@ _TOPK_PROBS = [[
     [0.5, 0.1, 0.25, 0.15],  # t2: e0, e2, e3
     [0.2, 0.1, 0.3, 0.4],  # t3: e3, e2, e0
 ]]
-# Claim order, k-major:
+# Claim order "position", token by token:
+#   t0: e0 (slot 0), e1 (0), e2 (0);  t1: e1 (1), e2 (1), e3 (0);  t2: e0 (1), e2 full, e3 (1);
+#   t3: e3 full, e2 full, e0 full (dropped: the earlier tokens filled its experts).
+# Claim order "choice", k-major:
 #   k=0: t0 e0 (slot 0), t1 e1 (0), t2 e0 (1), t3 e3 (0)
 #   k=1: t0 e1 (1), t1 e2 (0), t2 e2 (1), t3 e2 full
 #   k=2: t0 e2 full, t1 e3 (1), t2 e3 full, t3 e0 full
 # t0's third choice is dropped at e2 because the later tokens' second choices claimed it first.
 
 
+@pytest.mark.parametrize("claim_order", ["position", "choice"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["mixtral", "qwen"])
-def test_topk3_dispatch_and_combine(normalize):
+def test_topk3_dispatch_and_combine(normalize, claim_order):
   config = _config(kind="topk", num_experts=4, k=3, normalize_weights=normalize,
-                   capacity_factor_train=0.5)
+                   capacity_factor_train=0.5, claim_order=claim_order)
   decision = _route(_logits(_TOPK_PROBS), config, train=True)
   assert decision.capacity == 2
   # Mixtral renormalises the three weights (divide by 0.9); Qwen/OLMoE keep the probabilities.
   d = 0.9 if normalize else 1.0
-  expected = [[
-      [[0.4 / d, o], [o, 0.3 / d], [o, o], [o, o]],  # t0
-      [[o, o], [0.4 / d, o], [0.3 / d, o], [o, 0.2 / d]],  # t1
-      [[o, 0.5 / d], [o, o], [o, 0.25 / d], [o, o]],  # t2
-      [[o, o], [o, o], [o, o], [0.4 / d, o]],  # t3
-  ]]
+  if claim_order == "position":
+    expected = [[
+        [[0.4 / d, o], [0.3 / d, o], [0.2 / d, o], [o, o]],  # t0
+        [[o, o], [o, 0.4 / d], [o, 0.3 / d], [0.2 / d, o]],  # t1
+        [[o, 0.5 / d], [o, o], [o, o], [o, 0.15 / d]],  # t2
+        [[o, o], [o, o], [o, o], [o, o]],  # t3
+    ]]
+  else:
+    expected = [[
+        [[0.4 / d, o], [o, 0.3 / d], [o, o], [o, o]],  # t0
+        [[o, o], [0.4 / d, o], [0.3 / d, o], [o, 0.2 / d]],  # t1
+        [[o, 0.5 / d], [o, o], [o, 0.25 / d], [o, o]],  # t2
+        [[o, o], [o, o], [o, o], [0.4 / d, o]],  # t3
+    ]]
   _assert_combine(decision, expected)
   np.testing.assert_array_equal(decision.expert_index_GSK,
                                 [[[0, 1, 2], [1, 2, 3], [0, 2, 3], [3, 2, 0]]])
@@ -357,7 +400,9 @@ def test_topk3_dispatch_and_combine(normalize):
   # Assignments per expert: e0 {t0, t2, t3''}, e1 {t0', t1}, e2 {t0'', t1', t2', t3'},
   # e3 {t1'', t2'', t3} -> [3, 2, 4, 3] / 12; kept 8 of 12; 8 / (4 * 2) slots used.
   np.testing.assert_allclose(metrics["expert_load"], np.array([3, 2, 4, 3]) / 12, atol=ATOL)
-  np.testing.assert_allclose(metrics["dropped_fraction"], 0.0, atol=ATOL)
+  # Token by token t3 keeps nothing; k-major every token keeps its first choice.
+  np.testing.assert_allclose(metrics["dropped_fraction"],
+                             0.25 if claim_order == "position" else 0.0, atol=ATOL)
   np.testing.assert_allclose(metrics["dropped_assignment_fraction"], 4 / 12, atol=ATOL)
   np.testing.assert_allclose(metrics["capacity_utilisation"], 1.0, atol=ATOL)
 
@@ -441,15 +486,15 @@ def test_padding_takes_no_capacity_and_later_tokens_move_up():
 
 def test_padded_gshard_token_claims_neither_choice():
   # t1 padded: its first (e0) and second (e1) choices take nothing; C = 2 as in the first case.
-  # e1 <- t0 (0), t3 (1); e0 <- t2 (0); seconds: t0 -> e2 (0); t2 -> e1 full; t3 -> e0 (1).
+  # t0 -> e1 (0), e2 (0); t2 -> e0 (0), e1 (1); t3 -> e1 full, e0 (1).
   config = _config(kind="gshard", capacity_factor_train=0.75)
   mask = jnp.array([[True, False, True, True]])
   decision = _route(_logits(_GSHARD_PROBS), config, train=True, padding_mask_GS=mask)
   _assert_combine(decision, [[
       [[o, o], [2 / 3, o], [1 / 3, o]],  # t0
       [[o, o], [o, o], [o, o]],  # t1: padding
-      [[2 / 3, o], [o, o], [o, o]],  # t2: moved up to e0 slot 0
-      [[o, 2 / 9], [o, 7 / 9], [o, o]],  # t3: its second choice now fits at e0
+      [[2 / 3, o], [o, 1 / 3], [o, o]],  # t2: moved up to e0 slot 0, its second choice fits
+      [[o, 2 / 9], [o, o], [o, o]],  # t3: its second choice now fits at e0
   ]])
 
 
@@ -650,12 +695,26 @@ def test_batch_prioritized_gshard_orders_second_choices_by_priority_too():
   # Second choices in priority order: t2 -> e1 (2); t3 -> e0 (2); t0 -> e2 (0); t1 -> e1 full.
   # (By position t1's second choice would take e1 slot 2 and t2's would be dropped.)
   probs = [[[0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.8, 0.15, 0.05], [0.2, 0.7, 0.1]]]
-  config = _config(kind="gshard", capacity_factor_train=1.125, batch_prioritized=True)
+  config = _config(kind="gshard", capacity_factor_train=1.125, batch_prioritized=True,
+                   claim_order="choice")
   _assert_combine(_route(_logits(probs), config, train=True), [[
       [[o, o, o], [o, 2 / 3, o], [1 / 3, o, o]],  # t0
       [[o, 0.625, o], [o, o, o], [o, o, o]],  # t1
       [[0.8 / 0.95, o, o], [o, o, 0.15 / 0.95], [o, o, o]],  # t2
       [[o, o, 2 / 9], [7 / 9, o, o], [o, o, o]],  # t3
+  ]])
+
+
+def test_batch_prioritized_position_order_takes_whole_tokens_by_priority():
+  # As above (C = 3, priority order t2, t3, t0, t1), each token's choices in turn:
+  # t2 -> e0 (0), e1 (0); t3 -> e1 (1), e0 (1); t0 -> e1 (2), e2 (0); t1 -> e0 (2), e1 full.
+  probs = [[[0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.8, 0.15, 0.05], [0.2, 0.7, 0.1]]]
+  config = _config(kind="gshard", capacity_factor_train=1.125, batch_prioritized=True)
+  _assert_combine(_route(_logits(probs), config, train=True), [[
+      [[o, o, o], [o, o, 2 / 3], [1 / 3, o, o]],  # t0
+      [[o, o, 0.625], [o, o, o], [o, o, o]],  # t1
+      [[0.8 / 0.95, o, o], [0.15 / 0.95, o, o], [o, o, o]],  # t2
+      [[o, 2 / 9, o], [o, 7 / 9, o], [o, o, o]],  # t3
   ]])
 
 
@@ -721,11 +780,13 @@ def _softmax64(logits):
 
 
 def reference_route(logits_GSE, *, kind, k, normalize, capacity, mask_GS, batch_prioritized,
-                    uniform_GS=None, threshold=None):
+                    uniform_GS=None, threshold=None, claim_order="position"):
   """Independent sequential reference of the routing algorithm (numpy float64, Python loops).
 
-  `uniform_GS` is given only when GShard's random second-expert policy is active. Returns (G, S, k)
-  arrays: expert, gate (router weight before capacity), active, keep, slot (-1 where not kept).
+  `uniform_GS` is given only when GShard's random second-expert policy is active. `claim_order`:
+  "position" (each token's choices in turn, token after token) or "choice" (every first choice
+  before any second choice). Returns (G, S, k) arrays: expert, gate (router weight before
+  capacity), active, keep, slot (-1 where not kept).
   """
   probs = _softmax64(logits_GSE)
   G, S, E = probs.shape
@@ -749,13 +810,16 @@ def reference_route(logits_GSE, *, kind, k, normalize, capacity, mask_GS, batch_
     if batch_prioritized:
       order.sort(key=lambda s: (-probs[g, s].max(), s))  # V-MoE: router confidence
     count = [0] * E
-    for j in range(k):  # every j-th choice before any (j+1)-th choice
-      for s in order:
-        if active[g, s, j]:
-          e = expert[g, s, j]
-          if count[e] < capacity:
-            keep[g, s, j], slot[g, s, j] = True, count[e]
-          count[e] += 1
+    if claim_order == "choice":  # every j-th choice before any (j+1)-th choice
+      queue = [(s, j) for j in range(k) for s in order]
+    else:  # token after token, each token's choices in preference order
+      queue = [(s, j) for s in order for j in range(k)]
+    for s, j in queue:
+      if active[g, s, j]:
+        e = expert[g, s, j]
+        if count[e] < capacity:
+          keep[g, s, j], slot[g, s, j] = True, count[e]
+        count[e] += 1
   return dict(expert=expert, gate=gate, active=active, keep=keep, slot=slot, probs=probs)
 
 
@@ -828,37 +892,38 @@ def _random_inputs(rng, G, S, E, gate_fn, *, pad_rate, check_priority, threshold
   return logits, mask, uniform
 
 
-# (kind, E, k, normalize, factor, min_capacity, batch_prioritized, train, policy, threshold, S, pad)
-# Factors are dyadic, so Fraction(factor) is exact for the reference capacity.
+# (kind, E, k, normalize, factor, min_capacity, batch_prioritized, train, policy, threshold, S, pad,
+#  claim order). Factors are dyadic, so Fraction(factor) is exact for the reference capacity.
 _PROPERTY_CASES = [
-    ("switch", 4, 1, False, 1.0, 1, False, True, "all", 0.2, 8, 0.0),
-    ("switch", 4, 1, False, 0.5, 1, True, True, "all", 0.2, 8, 0.3),
-    ("switch", 2, 1, False, 0.25, 2, False, False, "all", 0.2, 6, 0.3),
-    ("switch", 6, 1, False, 1.25, 1, True, False, "all", 0.2, 8, 0.7),
-    ("switch", 3, 1, False, 3.0, 1, False, True, "all", 0.2, 4, 0.3),
-    ("gshard", 4, 2, True, 1.0, 1, False, True, "all", 0.2, 8, 0.0),
-    ("gshard", 4, 2, True, 0.5, 1, True, True, "all", 0.2, 8, 0.3),
-    ("gshard", 3, 2, True, 1.0, 1, False, True, "random", 0.3, 6, 0.3),
-    ("gshard", 6, 2, True, 0.75, 1, True, True, "random", 0.6, 8, 0.0),
-    ("gshard", 4, 2, True, 1.25, 1, False, False, "random", 0.1, 8, 0.3),
-    ("gshard", 2, 2, True, 0.25, 3, False, True, "all", 0.2, 8, 0.3),
-    ("gshard", 3, 2, True, 2.0, 1, True, True, "random", 0.3, 4, 0.3),
-    ("topk", 4, 1, False, 1.0, 1, True, True, "all", 0.2, 8, 0.3),
-    ("topk", 6, 2, True, 1.0, 1, False, True, "all", 0.2, 8, 0.3),
-    ("topk", 6, 2, False, 0.5, 1, True, True, "all", 0.2, 8, 0.0),
-    ("topk", 4, 3, True, 0.5, 1, False, True, "all", 0.2, 6, 0.3),
-    ("topk", 4, 3, False, 1.25, 1, True, False, "all", 0.2, 8, 0.3),
-    ("topk", 6, 4, True, 0.75, 1, True, True, "all", 0.2, 8, 0.7),
-    ("topk", 6, 6, False, 1.0, 2, False, True, "all", 0.2, 8, 0.3),
-    ("topk", 3, 3, True, 1.0, 1, False, True, "all", 0.2, 3, 0.3),
-    ("topk", 2, 1, False, 2.0, 1, True, True, "all", 0.2, 1, 0.0),
-    ("topk", 6, 5, True, 0.25, 1, False, True, "all", 0.2, 8, 0.3),
+    ("switch", 4, 1, False, 1.0, 1, False, True, "all", 0.2, 8, 0.0, "position"),
+    ("switch", 4, 1, False, 0.5, 1, True, True, "all", 0.2, 8, 0.3, "position"),
+    ("switch", 2, 1, False, 0.25, 2, False, False, "all", 0.2, 6, 0.3, "position"),
+    ("switch", 6, 1, False, 1.25, 1, True, False, "all", 0.2, 8, 0.7, "position"),
+    ("switch", 3, 1, False, 3.0, 1, False, True, "all", 0.2, 4, 0.3, "position"),
+    ("gshard", 4, 2, True, 1.0, 1, False, True, "all", 0.2, 8, 0.0, "choice"),
+    ("gshard", 4, 2, True, 0.5, 1, True, True, "all", 0.2, 8, 0.3, "position"),
+    ("gshard", 3, 2, True, 1.0, 1, False, True, "random", 0.3, 6, 0.3, "choice"),
+    ("gshard", 6, 2, True, 0.75, 1, True, True, "random", 0.6, 8, 0.0, "choice"),
+    ("gshard", 4, 2, True, 1.25, 1, False, False, "random", 0.1, 8, 0.3, "position"),
+    ("gshard", 2, 2, True, 0.25, 3, False, True, "all", 0.2, 8, 0.3, "position"),
+    ("gshard", 3, 2, True, 2.0, 1, True, True, "random", 0.3, 4, 0.3, "position"),
+    ("topk", 4, 1, False, 1.0, 1, True, True, "all", 0.2, 8, 0.3, "position"),
+    ("topk", 6, 2, True, 1.0, 1, False, True, "all", 0.2, 8, 0.3, "choice"),
+    ("topk", 6, 2, False, 0.5, 1, True, True, "all", 0.2, 8, 0.0, "position"),
+    ("topk", 4, 3, True, 0.5, 1, False, True, "all", 0.2, 6, 0.3, "position"),
+    ("topk", 4, 3, False, 1.25, 1, True, False, "all", 0.2, 8, 0.3, "choice"),
+    ("topk", 6, 4, True, 0.75, 1, True, True, "all", 0.2, 8, 0.7, "position"),
+    ("topk", 6, 6, False, 1.0, 2, False, True, "all", 0.2, 8, 0.3, "choice"),
+    ("topk", 3, 3, True, 1.0, 1, False, True, "all", 0.2, 3, 0.3, "position"),
+    ("topk", 2, 1, False, 2.0, 1, True, True, "all", 0.2, 1, 0.0, "position"),
+    ("topk", 6, 5, True, 0.25, 1, False, True, "all", 0.2, 8, 0.3, "choice"),
 ]
 
 
 @pytest.mark.parametrize("case", _PROPERTY_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_router_properties_and_sequential_reference(case):
-  kind, E, k, normalize, factor, min_capacity, prioritized, train, policy, threshold, S, pad = case
+  kind, E, k, normalize, factor, min_capacity, prioritized, train, policy, threshold, S, pad, \
+      claim_order = case
   G = 24
   other_factor = factor * 2 + 0.5  # the factor of the other mode must not be used
   # Settings of one kind only: a setting the kind does not read is refused.
@@ -868,7 +933,7 @@ def test_router_properties_and_sequential_reference(case):
   config = RouterConfig(
       kind=kind, num_experts=E, capacity_factor_train=factor if train else other_factor,
       capacity_factor_eval=other_factor if train else factor, min_capacity=min_capacity,
-      batch_prioritized=prioritized, **own)
+      batch_prioritized=prioritized, **own, **({"claim_order": claim_order} if k > 1 else {}))
   random_second = kind == "gshard" and train and policy == "random"
 
   def gate_fn(probs):  # the router weights of the k choices, for the near-tie checks
@@ -911,7 +976,7 @@ def test_router_properties_and_sequential_reference(case):
 
   # --- the claiming order matches the sequential reference
   ref = reference_route(logits, kind=kind, k=k, normalize=normalize, capacity=C, mask_GS=mask,
-                        batch_prioritized=prioritized,
+                        batch_prioritized=prioritized, claim_order=claim_order,
                         uniform_GS=uniform if random_second else None, threshold=threshold)
   np.testing.assert_array_equal(keep, ref["keep"])
   np.testing.assert_array_equal(slot[keep], ref["slot"][keep])

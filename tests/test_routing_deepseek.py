@@ -63,8 +63,8 @@ _GROUPED = dict(num_groups=2, topk_groups=1, routed_scaling_factor=2.0)
 
 
 def test_group_limited_top2_weights_capacity_and_losses_by_hand():
-  # C = ceil(2 * 0.5 * 3 / 4) = 1: first choices claim first (t0 -> e2, t1 -> e0; t2's e2 is
-  # full), then second choices (t0 -> e3, t1 -> e1; t2's e3 is full): t2 is dropped.
+  # C = ceil(2 * 0.5 * 3 / 4) = 1, claimed token by token: t0 -> e2, e3; t1 -> e0, e1; t2's e2
+  # and e3 are full: t2 is dropped. (Every first choice before any second gives the same here.)
   config = _config(capacity_factor_train=0.5, deepseek=_GROUPED)
   decision, losses, metrics = _route(_sigmoid_logits(_S), config)
   assert decision.capacity == 1
@@ -193,11 +193,12 @@ def reference(logits, mask, bias, case, capacity):
     if case["prioritized"]:
       order.sort(key=lambda t: (-probs[g, t].max(), t))
     count = [0] * E
-    for j in range(k):
-      for t in order:
-        if mask[g, t] and count[expert[g, t, j]] < capacity:
-          keep[g, t, j], slot[g, t, j] = True, count[expert[g, t, j]]
-          count[expert[g, t, j]] += 1
+    queue = ([(t, j) for j in range(k) for t in order] if case["order"] == "choice" else
+             [(t, j) for t in order for j in range(k)])
+    for t, j in queue:
+      if mask[g, t] and count[expert[g, t, j]] < capacity:
+        keep[g, t, j], slot[g, t, j] = True, count[expert[g, t, j]]
+        count[expert[g, t, j]] += 1
     real = mask[g]
     if real.any():
       f = E / (k * real.sum()) * np.bincount(expert[g, real].ravel(), minlength=E)
@@ -227,19 +228,19 @@ def _draw(rng, case, G, S, E):
 
 _CASES = [
     dict(score="sigmoid", E=8, k=2, groups=4, topk_groups=2, gse=2, normalize=True, scale=2.5,
-         factor=1.0, prioritized=False, train=True, S=8, pad=0.3, bias=True),
+         factor=1.0, prioritized=False, train=True, S=8, pad=0.3, bias=True, order="position"),
     dict(score="sigmoid", E=8, k=3, groups=2, topk_groups=1, gse=2, normalize=True, scale=1.0,
-         factor=0.5, prioritized=True, train=False, S=8, pad=0.0, bias=True),
+         factor=0.5, prioritized=True, train=False, S=8, pad=0.0, bias=True, order="choice"),
     dict(score="sigmoid", E=6, k=4, groups=3, topk_groups=2, gse=1, normalize=False, scale=1.5,
-         factor=1.25, prioritized=False, train=True, S=6, pad=0.3, bias=False),
+         factor=1.25, prioritized=False, train=True, S=6, pad=0.3, bias=False, order="choice"),
     dict(score="softmax", E=8, k=2, groups=4, topk_groups=3, gse=1, normalize=False, scale=16.0,
-         factor=0.75, prioritized=True, train=True, S=8, pad=0.3, bias=False),
+         factor=0.75, prioritized=True, train=True, S=8, pad=0.3, bias=False, order="position"),
     dict(score="softmax", E=6, k=2, groups=1, topk_groups=1, gse=2, normalize=True, scale=1.0,
-         factor=1.0, prioritized=False, train=True, S=4, pad=0.0, bias=True),
+         factor=1.0, prioritized=False, train=True, S=4, pad=0.0, bias=True, order="choice"),
     dict(score="sigmoid", E=8, k=8, groups=1, topk_groups=1, gse=2, normalize=True, scale=1.0,
-         factor=0.25, prioritized=False, train=True, S=8, pad=0.3, bias=True),
+         factor=0.25, prioritized=False, train=True, S=8, pad=0.3, bias=True, order="position"),
     dict(score="sigmoid", E=8, k=2, groups=8, topk_groups=2, gse=1, normalize=True, scale=1.0,
-         factor=2.0, prioritized=True, train=True, S=8, pad=0.7, bias=True),
+         factor=2.0, prioritized=True, train=True, S=8, pad=0.7, bias=True, order="choice"),
 ]
 
 
@@ -254,6 +255,7 @@ def test_properties_and_sequential_reference(case):
   config = _config(
       E, k, deepseek=deepseek, normalize_weights=case["normalize"],
       batch_prioritized=case["prioritized"], balance=0.01 if case["bias"] else 0.0,
+      claim_order=case["order"],
       capacity_factor_train=case["factor"] if case["train"] else other,
       capacity_factor_eval=other if case["train"] else case["factor"])
   rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
@@ -428,7 +430,7 @@ def test_bias_update_after_one_training_call_by_hand():
   # The load before capacity, real tokens only, from the float64 reference selection.
   logits = np.asarray(x, np.float64).reshape(1, -1, M) @ np.asarray(layer.router[...])
   case = dict(k=2, groups=4, topk_groups=2, gse=2, score="sigmoid", normalize=True, scale=2.5,
-              prioritized=False)
+              prioritized=False, order="position")
   real = np.asarray(mask).reshape(1, -1)
   ref = reference(logits, real, bias_before, case, capacity=S)
   load = np.bincount(ref["expert"][real].ravel(), minlength=E)

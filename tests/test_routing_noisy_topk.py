@@ -80,11 +80,10 @@ def test_learned_noise_decision_by_hand():
   assert r.capacity == 2
   # t0: H = [0, 1.5, 1.0] -> e1, e2; t1: H = [1, 0.5, 0] -> e0, e1; t3: H = [0, .25, 3] -> e2, e1.
   np.testing.assert_array_equal(r.expert_index_GSK[0, [0, 1, 3]], [[1, 2], [0, 1], [2, 1]])
-  # First choices in position order: t0 e1 slot 0, t1 e0 slot 0, t3 e2 slot 0; then second
-  # choices: t0 e2 slot 1, t1 e1 slot 1, t3 e1 would be slot 2 >= C: dropped. The padded t2
-  # (whose first choice would be e1) takes nothing.
+  # Token by token: t0 e1 slot 0, e2 slot 0; t1 e0 slot 0, e1 slot 1; t3 e2 slot 1, e1 would be
+  # slot 2 >= C: dropped. The padded t2 (whose first choice would be e1) takes nothing.
   np.testing.assert_array_equal(r.keep_GSK[0], [[1, 1], [1, 1], [0, 0], [1, 0]])
-  np.testing.assert_array_equal(r.slot_GSK[0, [0, 1, 3]], [[0, 1], [0, 1], [0, 0]])
+  np.testing.assert_array_equal(r.slot_GSK[0, [0, 1, 3]], [[0, 0], [0, 1], [1, 0]])
   # Gates: softmax over the two kept noisy logits.
   want = [[sig(0.5), sig(-0.5)], [sig(0.5), sig(-0.5)], [0.0, 0.0], [sig(2.75), 0.0]]
   np.testing.assert_allclose(r.weight_GSK[0], want, atol=ATOL)
@@ -273,15 +272,15 @@ def _reference_losses(h, clean, sigma, bias, mask, k, gates, experts):
   return cv2(importance) if importance.any() else 0.0, cv2(load) if load.any() else 0.0
 
 
-# (noise, E, k, normalize, factor, batch_prioritized, train, pad rate, bias)
+# (noise, E, k, normalize, factor, batch_prioritized, train, pad rate, bias, claim order)
 _CASES = [
-    ("learned", 4, 1, True, 1.0, False, True, 0.3, False),
-    ("learned", 6, 2, True, 0.5, True, True, 0.3, True),
-    ("learned", 6, 3, False, 1.25, False, False, 0.0, False),
-    ("learned", 4, 4, True, 1.0, False, True, 0.3, False),
-    ("fixed", 4, 2, False, 0.75, True, True, 0.3, False),
-    ("fixed", 6, 1, True, 0.5, False, True, 0.5, True),
-    ("fixed", 3, 2, True, 2.0, False, False, 0.3, False),
+    ("learned", 4, 1, True, 1.0, False, True, 0.3, False, "position"),
+    ("learned", 6, 2, True, 0.5, True, True, 0.3, True, "position"),
+    ("learned", 6, 3, False, 1.25, False, False, 0.0, False, "choice"),
+    ("learned", 4, 4, True, 1.0, False, True, 0.3, False, "position"),
+    ("fixed", 4, 2, False, 0.75, True, True, 0.3, False, "choice"),
+    ("fixed", 6, 1, True, 0.5, False, True, 0.5, True, "position"),
+    ("fixed", 3, 2, True, 2.0, False, False, 0.3, False, "choice"),
 ]
 
 
@@ -304,7 +303,7 @@ def _draw(rng, G, S, E_, noise, train, bias):
 
 @pytest.mark.parametrize("case", _CASES, ids=lambda c: "-".join(map(str, c)))
 def test_properties_and_reference(case):
-  noise, E_, k, normalize, factor, prioritized, train, pad, with_bias = case
+  noise, E_, k, normalize, factor, prioritized, train, pad, with_bias, claim_order = case
   G, S = 6, 8
   rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
   bias = rng.normal(size=E_).astype(np.float32).astype(np.float64) if with_bias else np.zeros(E_)
@@ -313,7 +312,8 @@ def test_properties_and_reference(case):
   mask[-1] = pad == 0  # the last group is all padding when there is padding
   cfg = config(noise, num_experts=E_, noise_std=0.7 if noise == "fixed" else None, k=k,
                normalize_weights=normalize, capacity_factor_train=factor,
-               capacity_factor_eval=factor, batch_prioritized=prioritized)
+               capacity_factor_eval=factor, batch_prioritized=prioritized,
+               **({"claim_order": claim_order} if k > 1 else {}))
   logits = np.concatenate([clean, raw], -1) if noise == "learned" else clean
   # Padded tokens hold NaN logits: they must reach no output, loss or metric.
   logits = np.where(mask[..., None], logits, np.nan).astype(np.float32)
@@ -324,14 +324,14 @@ def test_properties_and_reference(case):
   # The claim on H + bias, with the weights of H: reference_route ranks by softmax(H + bias),
   # whose order is that of H + bias; the weights are then recomputed from H.
   ref = reference_route(h + bias, kind="topk", k=k, normalize=normalize, capacity=capacity,
-                        mask_GS=mask, batch_prioritized=False)
+                        mask_GS=mask, batch_prioritized=False, claim_order=claim_order)
   probs = np.exp(h - h.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   ref["gate"] = np.take_along_axis(probs, ref["expert"], -1)
   if normalize:
     ref["gate"] /= ref["gate"].sum(-1, keepdims=True)
   if prioritized:  # V-MoE's priority: the confidence max_i softmax(H)_i
-    ref = _reclaim_by_priority(ref, probs.max(-1), mask, capacity, E_)
+    ref = _reclaim_by_priority(ref, probs.max(-1), mask, capacity, E_, claim_order)
   np.testing.assert_array_equal(r.expert_index_GSK[mask], ref["expert"][mask])
   np.testing.assert_array_equal(r.keep_GSK, ref["keep"])
   np.testing.assert_array_equal(r.slot_GSK[r.keep_GSK], ref["slot"][ref["keep"]])
@@ -347,21 +347,23 @@ def test_properties_and_reference(case):
     assert np.all(np.isfinite(value)), name
 
 
-def _reclaim_by_priority(ref, priority_GS, mask, capacity, E_):
-  """The k-major claim with tokens in descending priority (stable), as V-MoE orders them."""
+def _reclaim_by_priority(ref, priority_GS, mask, capacity, E_, claim_order):
+  """The claim with tokens in descending priority (stable), as V-MoE orders them: token by
+  token ("position"), or every first choice before any second ("choice")."""
   G, S, K = ref["expert"].shape
   keep = np.zeros((G, S, K), bool)
   slot = np.full((G, S, K), -1)
   for g in range(G):
     order = sorted(range(S), key=lambda s: (-priority_GS[g, s], s))
+    queue = ([(s, j) for j in range(K) for s in order] if claim_order == "choice" else
+             [(s, j) for s in order for j in range(K)])
     count = [0] * E_
-    for j in range(K):
-      for s in order:
-        if mask[g, s]:
-          e = ref["expert"][g, s, j]
-          if count[e] < capacity:
-            keep[g, s, j], slot[g, s, j] = True, count[e]
-          count[e] += 1
+    for s, j in queue:
+      if mask[g, s]:
+        e = ref["expert"][g, s, j]
+        if count[e] < capacity:
+          keep[g, s, j], slot[g, s, j] = True, count[e]
+        count[e] += 1
   return {**ref, "keep": keep, "slot": slot}
 
 

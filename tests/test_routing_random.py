@@ -51,8 +51,8 @@ def test_training_decision_by_hand(normalize):
              uniform_GSE=np.asarray(_UNIFORM, np.float32))
   assert r.capacity == 1
   np.testing.assert_array_equal(r.expert_index_GSK[0, :3], [[1, 2], [0, 2], [3, 2]])
-  # First choices: t0 e1, t1 e0, t2 e3 (slot 0 each); second choices: t0 takes e2's one slot,
-  # t1 and t2 find it full.
+  # Token by token: t0 takes e1 and e2's one slot; t1 takes e0 and finds e2 full; t2 takes e3
+  # and finds e2 full. (Every first choice before any second gives the same here.)
   np.testing.assert_array_equal(r.keep_GSK[0], [[1, 1], [1, 0], [1, 0], [0, 0]])
   # Weights: the router's probabilities of the drawn experts, renormalised over the two.
   want = ([[0.4, 0.6], [0.5, 0.0], [1 / 3, 0.0], [0.0, 0.0]] if normalize else
@@ -88,22 +88,22 @@ def test_training_needs_the_uniforms():
     routed(log_probs(_PROBS), config(k=2), train=True)
 
 
-# (E, k, normalize, capacity factor, train, pad rate)
-_CASES = [(4, 1, True, 1.0, True, 0.3), (6, 2, True, 0.5, True, 0.3),
-          (6, 3, False, 1.25, True, 0.0), (5, 2, False, 0.75, False, 0.3),
-          (3, 3, True, 1.0, True, 0.5)]
+# (E, k, normalize, capacity factor, train, pad rate, claim order)
+_CASES = [(4, 1, True, 1.0, True, 0.3, "position"), (6, 2, True, 0.5, True, 0.3, "position"),
+          (6, 3, False, 1.25, True, 0.0, "choice"), (5, 2, False, 0.75, False, 0.3, "choice"),
+          (3, 3, True, 1.0, True, 0.5, "position")]
 
 
 @pytest.mark.parametrize("case", _CASES, ids=lambda c: "-".join(map(str, c)))
 def test_properties_and_reference(case):
-  E_, k, normalize, factor, train, pad = case
+  E_, k, normalize, factor, train, pad, claim_order = case
   G, S = 4, 8
   rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
   logits = rng.normal(size=(G, S, E_))
   mask = rng.random((G, S)) >= pad
   uniform = rng.random((G, S, E_)).astype(np.float32) if train else None
   cfg = config(E_, k=k, normalize_weights=normalize, capacity_factor_train=factor,
-               capacity_factor_eval=factor)
+               capacity_factor_eval=factor, **({"claim_order": claim_order} if k > 1 else {}))
   # Padded tokens hold NaN logits: they must reach no output, loss or metric.
   r = routed(np.where(mask[..., None], logits, np.nan).astype(np.float32), cfg, train=train,
              mask_GS=mask, uniform_GSE=uniform)
@@ -111,7 +111,7 @@ def test_properties_and_reference(case):
   # The claim ranks the uniforms: reference_route on them gives the experts, keep and slots.
   ref = reference_route(np.log(scores.astype(np.float64)), kind="topk", k=k, normalize=False,
                         capacity=cfg.capacity(S, train=train), mask_GS=mask,
-                        batch_prioritized=False)
+                        batch_prioritized=False, claim_order=claim_order)
   np.testing.assert_array_equal(r.expert_index_GSK[mask], ref["expert"][mask])
   np.testing.assert_array_equal(r.keep_GSK, ref["keep"])
   np.testing.assert_array_equal(r.slot_GSK[r.keep_GSK], ref["slot"][ref["keep"]])

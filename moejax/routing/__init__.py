@@ -11,7 +11,7 @@ MoE's dense decision: the einsum form only). The modules:
 
     config.py         RouterConfig and one typed group per family
     decision.py       RoutingDecision, RoutingStats (losses and metrics), RouterInputs
-    capacity.py       expert capacity, the k-major slot claim, batch priority
+    capacity.py       expert capacity, the slot claim (position or choice order), batch priority
     losses.py         auxiliary losses, each citing its paper's equation
     token_choice.py   switch, gshard, topk
     deepseek.py       deepseek (sigmoid / softmax affinities, group-limited, routed scaling)
@@ -49,15 +49,15 @@ from moejax.routing import noisy_topk  # noqa: F401  (registers its family)
 from moejax.routing import random_routing  # noqa: F401  (registers its family)
 from moejax.routing import hash_routing  # noqa: F401  (registers its family)
 from moejax.routing.capacity import expert_capacity
-from moejax.routing.config import (BalanceConfig, DeepseekConfig, DeepseekScore, HashConfig,
-                                   HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,
+from moejax.routing.config import (BalanceConfig, ClaimOrder, DeepseekConfig, DeepseekScore,
+                                   HashConfig, HashTableKind, NoiseKind, NoisyTopkConfig, RouterConfig,
                                    RouterKind, SecondExpertPolicy, SinkhornConfig, SoftConfig)
 from moejax.routing.decision import RouterInputs, RoutingDecision, RoutingStats
 from moejax.routing.family import REGISTRY, Family
 from moejax.typed_config import ConfigError, parse_enum
 
 __all__ = [
-    "BalanceConfig", "ConfigError", "DeepseekConfig", "DeepseekScore", "Family", "HashConfig",
+    "BalanceConfig", "ClaimOrder", "ConfigError", "DeepseekConfig", "DeepseekScore", "Family", "HashConfig",
     "HashTableKind", "NoiseKind", "NoisyTopkConfig", "REGISTRY", "RouterConfig", "RouterInputs",
     "RouterKind", "RoutingDecision", "RoutingStats", "SecondExpertPolicy", "SinkhornConfig",
     "SoftConfig", "aux_loss", "expert_capacity", "parse_enum", "route",

@@ -1,14 +1,28 @@
 """Expert capacity and the capacity claim shared by every token-choice router.
 
-Capacity is claimed in a fixed order: every first choice before any second choice (GShard, Lepikhin
-et al. 2020, Algorithm 1), and within one choice in position order, or by a priority score when
-batch-prioritized routing is on (V-MoE, Riquelme et al. 2021, Sec. 4.1).
+Assignments claim their expert's slots one after another in a fixed order, and those past the
+capacity C are dropped. The order (`RouterConfig.claim_order`, which matters for k >= 2):
+
+* "position" (the default): token by token in position order, each token's k choices in
+  preference order. A token's slots then depend only on itself and earlier tokens of its group:
+  causal, as a causal language model needs.
+* "choice": every first choice before any second choice, each in position order (GShard,
+  Lepikhin et al. 2020, Algorithm 1). First choices are dropped less, but a later token's first
+  choice can push out an earlier token's second: not causal once capacity drops assignments.
+
+With batch-prioritized routing (V-MoE, Riquelme et al. 2021, Sec. 4.1) tokens take their turns in
+descending router confidence instead of position (not causal either).
 
 Worked example (S=4 tokens, E=2 experts, top-1, C=1):
     argmax experts   [0, 0, 1, 0]
     position order:  token 0 takes expert 0 slot 0; token 1 is over capacity at expert 0 (dropped);
                      token 2 takes expert 1 slot 0; token 3 is dropped.
     keep             [T, F, T, F]
+
+Top-2, E=3, C=1, choices (t0: e0, e1), (t1: e1, e2):
+    position order:  t0 -> e0, t0 -> e1, t1 -> e1 dropped, t1 -> e2: t1 loses its first choice.
+    choice order:    t0 -> e0, t1 -> e1, t0 -> e1 dropped, t1 -> e2: t0 loses its second choice
+                     to a later token.
 """
 
 from __future__ import annotations
@@ -35,11 +49,13 @@ def expert_capacity(group_size: int, num_experts: int, k: int, capacity_factor: 
   return min(max(min_capacity, capacity), group_size)
 
 
-def claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS=None):
+def claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS=None, *,
+                choice_major: bool = False):
   """Position of each active assignment in its expert's queue (0-based); inactive ones get 0.
 
-  Queue order: all k=0 assignments, then k=1, ...; within one k, tokens in position order, or in
-  descending `priority_GS` (stable, so ties keep position order).
+  Queue order: tokens in position order, or in descending `priority_GS` (stable, so ties keep
+  position order); each token's assignments in k order ("position" claim order), or all k=0
+  assignments before any k=1, ... (`choice_major`, GShard's order).
   """
   G, S, K = expert_index_GSK.shape
   mask_GSKE = jax.nn.one_hot(expert_index_GSK, num_experts, dtype=jnp.int32)
@@ -47,10 +63,17 @@ def claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS=None):
   if priority_GS is not None:
     order_GS = jnp.argsort(-priority_GS, axis=1, stable=True)
     mask_GSKE = jnp.take_along_axis(mask_GSKE, order_GS[:, :, None, None], axis=1)
-  # Queue order is k-major: (G, K, S, E) flattened to (G, K*S, E), then a running count.
-  mask_GQE = jnp.transpose(mask_GSKE, (0, 2, 1, 3)).reshape(G, K * S, num_experts)
+  # The queue: (G, S, K, E) flattened token-major, or (G, K, S, E) choice-major, to (G, Q, E);
+  # a running count along Q gives each assignment its place in its expert's queue.
+  if choice_major:
+    mask_GQE = jnp.transpose(mask_GSKE, (0, 2, 1, 3)).reshape(G, K * S, num_experts)
+  else:
+    mask_GQE = mask_GSKE.reshape(G, S * K, num_experts)
   position_GQE = jnp.cumsum(mask_GQE, axis=1) - 1
-  position_GSKE = jnp.transpose(position_GQE.reshape(G, K, S, num_experts), (0, 2, 1, 3))
+  if choice_major:
+    position_GSKE = jnp.transpose(position_GQE.reshape(G, K, S, num_experts), (0, 2, 1, 3))
+  else:
+    position_GSKE = position_GQE.reshape(G, S, K, num_experts)
   if priority_GS is not None:
     inverse_GS = jnp.argsort(order_GS, axis=1)
     position_GSKE = jnp.take_along_axis(position_GSKE, inverse_GS[:, :, None, None], axis=1)
@@ -60,7 +83,7 @@ def claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS=None):
 
 def token_choice_decision(expert_index_GSK, gates_GSK, active_GSK, *, capacity: int,
                           num_experts: int, stats_args: dict,
-                          priority_GS=None) -> RoutingDecision:
+                          priority_GS=None, choice_major: bool = False) -> RoutingDecision:
   """The decision of a token-choice router: claim capacity, keep what fits, weight it.
 
   Args:
@@ -69,8 +92,10 @@ def token_choice_decision(expert_index_GSK, gates_GSK, active_GSK, *, capacity: 
     capacity: C.
     stats_args: keyword arguments of `router_stats` besides the decision's own arrays.
     priority_GS: claim capacity in descending priority instead of position order.
+    choice_major: every first choice claims before any second choice (GShard's order).
   """
-  slot_GSK = claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS)
+  slot_GSK = claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS,
+                         choice_major=choice_major)
   keep_GSK = active_GSK & (slot_GSK < capacity)
   weight_GSK = jnp.where(keep_GSK, gates_GSK, 0.0)
   slot_GSK = jnp.where(keep_GSK, slot_GSK, 0)

@@ -39,6 +39,18 @@ class SecondExpertPolicy(enum.Enum):
   RANDOM = "random"  # keep it with probability min(1, g2 / threshold)
 
 
+class ClaimOrder(enum.Enum):
+  """The order in which a token-choice router's assignments claim expert capacity (k >= 2)."""
+
+  # Token by token in position order, each token's choices in preference order (as a sequence is
+  # read): a token's slots depend on itself and earlier tokens only, so it is causal.
+  POSITION = "position"
+  # Every token's first choice, then every second choice, ... (GShard, Lepikhin et al. 2020,
+  # Algorithm 1): a later token's first choice outranks an earlier token's second, so once
+  # capacity drops assignments a token's routing depends on later tokens (not causal).
+  CHOICE = "choice"
+
+
 class NoiseKind(enum.Enum):
   LEARNED = "learned"  # N(0, 1) * softplus(x W_noise), Shazeer et al. 2017 eq. 4
   FIXED = "fixed"  # N(0, noise_std^2), V-MoE (Riquelme et al. 2021)
@@ -233,14 +245,17 @@ class RouterConfig:
       C = ceil(factor * S / E) (expert choice).
     min_capacity: lower bound on C.
     batch_prioritized: token choice claims capacity in order of router confidence instead of
-      position (V-MoE).
+      position (V-MoE). Not causal: a confident later token can take an earlier token's slot.
+    claim_order: with k >= 2, "position" (token by token, causal) or "choice" (every first
+      choice before any second choice, GShard's Algorithm 1; not causal). Unused with k = 1.
     jitter_eps: multiplicative jitter on the router input in training, uniform in [1-eps, 1+eps].
     second_expert_policy / second_expert_threshold: GShard's second-expert policy.
     load_balancing_loss_weight / z_loss_weight: coefficients of the Switch load-balancing loss
       and the router z-loss.
     allow_noncausal: let a causal language model use a router whose decisions look at later
-      tokens of the group (expert choice, soft MoE, Sinkhorn in training); with a kind that is
-      causal in training and evaluation it is unused, so setting it is an error.
+      tokens of the group (expert choice, soft MoE, Sinkhorn in training, batch-prioritised or
+      choice-ordered capacity claims); with a router that is causal in training and evaluation
+      it is unused, so setting it is an error.
     noisy_topk, soft, sinkhorn, hash, deepseek, balance: the family groups.
   """
 
@@ -254,6 +269,7 @@ class RouterConfig:
   capacity_factor_eval: float = 2.0
   min_capacity: int = 4
   batch_prioritized: bool = False
+  claim_order: ClaimOrder = ClaimOrder.POSITION
   jitter_eps: float = 0.0
   second_expert_policy: SecondExpertPolicy = SecondExpertPolicy.ALL
   second_expert_threshold: float = 0.2
@@ -313,18 +329,35 @@ class RouterConfig:
     kind = f"{self.PATH}.kind={self.kind.value!r}"
     unused = {name: f"{kind} does not read it" for name in family_lib.OPTIONAL_FIELDS
               if name not in reads}
+    if "claim_order" in reads and self.k == 1:
+      unused["claim_order"] = f"{self.PATH}.k=1: each token makes one claim"
     if self.causal(train=True) and self.causal(train=False):
-      unused["allow_noncausal"] = f"{kind} is causal in training and evaluation"
+      unused["allow_noncausal"] = (f"{kind} is causal in training and evaluation with these "
+                                   "settings")
     return unused
 
   def capacity(self, group_size: int, *, train: bool) -> int:
     """C, the slots of each expert per group of `group_size` tokens."""
     return self.family.capacity(self, group_size, train)
 
+  def lookahead(self, *, train: bool) -> tuple[str, str] | None:
+    """Why a token's routing may depend on later tokens of its group: (the field that makes it
+    so, the reason), or None when it depends only on itself and earlier tokens."""
+    family = self.family
+    if not (family.causal_train if train else family.causal_eval):
+      return "kind", "a token's routing depends on later tokens of its group"
+    # A field a kind does not read keeps its default (check_unused), so these need no read check.
+    if self.batch_prioritized:
+      return ("batch_prioritized", "capacity is claimed in order of router confidence, so a "
+              "confident later token can take an earlier token's slot")
+    if self.claim_order is ClaimOrder.CHOICE and (self.k or 1) > 1:
+      return ("claim_order", "every first choice claims capacity before any second choice, so "
+              "a later token's first choice can take an earlier token's slot")
+    return None
+
   def causal(self, *, train: bool) -> bool:
     """Whether a token's routing depends only on itself and earlier tokens."""
-    family = self.family
-    return family.causal_train if train else family.causal_eval
+    return self.lookahead(train=train) is None
 
   def loss_weights(self) -> dict[str, float]:
     """Auxiliary loss name -> weight, for the losses this kind returns."""

@@ -15,7 +15,7 @@ from typing import Any
 # others must keep their defaults (typed_config.check_unused).
 OPTIONAL_FIELDS = (
     "k", "normalize_weights", "capacity_factor_train", "capacity_factor_eval", "min_capacity",
-    "batch_prioritized", "load_balancing_loss_weight", "second_expert_policy",
+    "batch_prioritized", "claim_order", "load_balancing_loss_weight", "second_expert_policy",
     "second_expert_threshold", "noisy_topk", "soft", "sinkhorn", "hash", "deepseek", "balance",
 )
 CAPACITY_FIELDS = frozenset({"capacity_factor_train", "capacity_factor_eval", "min_capacity"})

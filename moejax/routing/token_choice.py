@@ -16,13 +16,13 @@ import jax.numpy as jnp
 
 from moejax.routing import capacity as capacity_lib
 from moejax.routing import losses
-from moejax.routing.config import RouterConfig, RouterKind, SecondExpertPolicy
+from moejax.routing.config import ClaimOrder, RouterConfig, RouterKind, SecondExpertPolicy
 from moejax.routing.decision import RouterInputs, RoutingDecision
 from moejax.routing.family import Family, register
 
 BALANCED = frozenset({"balance"})
 TOKEN_CAPACITY = frozenset({"capacity_factor_train", "capacity_factor_eval", "min_capacity",
-                            "batch_prioritized"})
+                            "batch_prioritized", "claim_order"})
 
 
 def token_capacity(config: RouterConfig, group_size: int, train: bool) -> int:
@@ -60,6 +60,7 @@ def finish(config: RouterConfig, *, logits_GSE, probs_GSE, gates_GSK, expert_ind
   return capacity_lib.token_choice_decision(
       expert_index_GSK, gates_GSK, active_GSK,
       capacity=config.capacity(S, train=train), num_experts=E, priority_GS=priority_GS,
+      choice_major=config.claim_order is ClaimOrder.CHOICE,
       stats_args=dict(logits_GSE=logits_GSE, probs_GSE=probs_GSE, mask_GS=mask_GS,
                       group_losses_G=group_losses_G, expert_sums_GE=expert_sums_GE))
 
