@@ -9,7 +9,8 @@ naming this one). The rest is linear, in the order of its banner comments:
     shard   parameters and optimizer state created directly in their shardings
     restore the newest checkpoint in WORKDIR/checkpoints that restores (damaged ones set aside)
     update  `train_step` / `eval_step`, jitted with explicit shardings
-    loop    steps, metrics, evaluation, checkpoints, SIGTERM, divergence (`divergence.py`)
+    loop    steps, metrics, evaluation, checkpoints, SIGTERM, divergence (`divergence.py`);
+            what the run prints of itself: `run_report.py`
 
 `train_step(state, batch) -> (state, metrics)` is a pure function of arrays: the model is rebuilt
 inside it from its graph definition and the parameters (`nnx.merge`). Its random streams (dropout,
@@ -27,9 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import sys
-import time
 from typing import Any
 
 import jax
@@ -47,15 +46,14 @@ from moejax import device_peak, divergence, flops
 from moejax import lock as lock_lib
 from moejax import metrics as metrics_lib
 from moejax import objective as objective_lib
-from moejax import routing, sharding
+from moejax import routing, run_report, sharding
 from moejax.config import ExperimentConfig, experiment_config_from
-from moejax.model import (ModelAux, ModelConfig, Transformer, expert_rows_per_token,
-                          noncausal_routing)
+from moejax.model import ModelAux, ModelConfig, Transformer
 from moejax.moe import RouterState
 from moejax.routing import hash_routing
 from moejax.optim import make_optimizer
-from moejax.param_count import count_params
 from moejax.profiler import StepProfiler
+from moejax.throughput import Throughput
 
 Batch = dict[str, jax.Array]
 _STATIC = dict(static=True)
@@ -256,42 +254,6 @@ def evaluate(eval_fn, state: TrainState, batches, batch_sharding: NamedSharding
   return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "moe": moe}
 
 
-class Throughput:
-  """Training tokens per second over intervals during which the host only fed training steps.
-
-  `resume()` when steps start being dispatched, `add(tokens)` per step, and `pause()` once the
-  last step has finished (it returns the interval's rate, None if it had no steps). Steps run
-  asynchronously: pass `wait_for` (the newest state) unless the caller already waited on them.
-  """
-
-  def __init__(self):
-    self.tokens, self.seconds = 0, 0.0
-    self._pending, self._since = 0, None
-
-  def resume(self) -> None:
-    if self._since is None:
-      self._since = time.perf_counter()
-
-  def add(self, tokens: int) -> None:
-    self._pending += tokens
-
-  def pause(self, wait_for: Any = None) -> float | None:
-    if self._since is None:
-      return None
-    if wait_for is not None:
-      jax.block_until_ready(wait_for)
-    elapsed = time.perf_counter() - self._since
-    rate = self._pending / elapsed if self._pending and elapsed > 0 else None
-    self.tokens += self._pending
-    self.seconds += elapsed
-    self._pending, self._since = 0, None
-    return rate
-
-  @property
-  def mean(self) -> float:
-    return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -376,7 +338,7 @@ def _train_and_evaluate(config, experiment: ExperimentConfig, workdir: epath.Pat
       writer.close()
       checkpointer.close()
   if jax.process_index() == 0:
-    _print_summary(result, workdir, state.objective)
+    run_report.print_summary(result, workdir, state.objective)
   return result
 
 
@@ -447,7 +409,7 @@ def _loop(state, experiment, train_fn, eval_fn, train_iter, eval_source, batch_s
     final = evaluate(eval_fn, state, eval_source(), batch_sharding)
     return {**metrics_lib.flatten_metrics({"eval": final}), "eval/step": float(first - 1),
             "step": float(first - 1), "preempted": 0.0, "train/tokens_per_sec_mean": 0.0}
-  model_scalars = _report_params(state, experiment)
+  model_scalars = run_report.report_params(state.model(), experiment)
   device_kind, peak = device_peak.local_peak_flops()
   perf = functools.partial(flops.performance_metrics, flops_per_token,
                            num_devices=jax.device_count(), peak_per_device=peak)
@@ -533,51 +495,3 @@ def _check_finite(watch: divergence.NonFiniteWatch, step: int, checkpointer, wri
       writer.write_scalars(step, scalars)
     writer.flush()
     raise
-
-
-def _report_params(state: TrainState, experiment: ExperimentConfig) -> dict[str, float]:
-  """Prints the model's parameter counts (process 0) and returns them as metric scalars."""
-  model = state.model()
-  moe = experiment.model.moe
-  counts = count_params(nnx.state(model, nnx.Param), experts_per_token=(
-      float(expert_rows_per_token(moe)) if moe else 1))
-  noncausal = noncausal_routing(experiment.model)
-  if jax.process_index() == 0:
-    print(counts.describe(), flush=True)
-    if noncausal:
-      print(f"NON-CAUSAL: model.moe.router.kind={experiment.model.moe.router.kind.value!r} looks "
-            "at later tokens of its group in this causal LM (allow_noncausal=True); its losses "
-            "are not comparable with causal runs.", flush=True)
-  return {**counts.as_metrics(), "model/noncausal_routing": float(noncausal)}
-
-
-def _print_summary(result: dict[str, float], workdir: epath.Path,
-                   objective: objective_lib.TrainingObjective) -> None:
-  """Validation perplexity (of the objective's loss) and per-layer expert load, on stdout."""
-  step = int(result["step"])
-  if result.get("model/noncausal_routing"):
-    print("NON-CAUSAL routing (allow_noncausal=True): not comparable with causal runs.")
-  if "eval/loss" in result:
-    print(f"step {int(result.get('eval/step', step))}: validation {objective.loss_name} "
-          f"{result['eval/loss']:.4f}, perplexity {result['eval/perplexity']:.2f} "
-          f"({int(result['eval/tokens'])} {objective.counted_tokens})")
-  print(f"training throughput: {metrics_lib.format_count(result['train/tokens_per_sec_mean'])} "
-        "tokens/s (mean, compilation, evaluation and checkpoints excluded)")
-  layers = sorted({k.split("/")[2] for k in result if k.startswith("eval/moe/")},
-                  key=lambda name: int(name.split("_")[-1]))
-  if layers:
-    print("expert load on the validation batches (share of routed assignments per expert):")
-  for layer in layers:
-    prefix = f"eval/moe/{layer}/"
-    loads = [result[k] for k in sorted((k for k in result if k.startswith(prefix +
-                                                                          "expert_load/")),
-                                       key=lambda k: int(k.rsplit("/", 1)[1]))]
-    dropped = result.get(prefix + "dropped_fraction", float("nan"))
-    print(f"  {layer:<9} " + " ".join(f"{v:.3f}" for v in loads) +
-          f"   (uniform {1 / len(loads):.3f}; dropped tokens {100 * dropped:.2f}%)")
-  if result.get("preempted"):
-    print(f"stopped by SIGTERM at step {step}; rerun the same command to resume.")
-  # TensorBoard is installed beside this interpreter (in .venv/bin), not necessarily on PATH.
-  tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
-  print(f"checkpoints: {workdir / 'checkpoints'}   "
-        f"TensorBoard: {tensorboard} --logdir {workdir / 'tensorboard'}")

@@ -28,14 +28,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import sharding
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.routing import RouterConfig, RouterInputs, route
+from routing_reference import Routed  # noqa: F401  (re-exported)
 from test_moe import B, E, F, L, M, S, _all_to_alls, inputs  # noqa: F401  (re-exported)
-from test_routing import Routed  # noqa: F401  (re-exported)
 
 VOCAB = 37  # token ids for routers that read them; a prime, so ids do not line up with E
 
 
 # Tiny programs whose compile time dominates: XLA's backend optimisations are skipped (decisions
-# are identical, sums differ by float32 rounding only), as in tests/test_routing.py.
+# are identical, sums differ by float32 rounding only), as in tests/routing_reference.py.
 @functools.partial(jax.jit, static_argnames=("config", "train"),
                    compiler_options={"xla_backend_optimization_level": 0})
 def _route_jit(logits, mask_GS, inputs, *, config, train):

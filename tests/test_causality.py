@@ -1,5 +1,7 @@
 """The causal LM refuses a router that looks at later tokens unless explicitly allowed."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,10 @@ import pytest
 from flax import nnx
 
 import family_checks
-from moejax.model import ModelConfig, check_causality
+from experiments import switch_small
+from moejax import config as config_lib
+from moejax import run_report
+from moejax.model import ModelConfig, Transformer, check_causality
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.routing import RouterConfig, SinkhornConfig, SoftConfig
 from moejax.typed_config import ConfigError
@@ -162,3 +167,23 @@ def test_a_router_declared_causal_never_lets_a_later_token_change_an_earlier_out
                                   err_msg=f"{name} declares itself causal")
   else:
     assert np.any(y2[:, earlier] != y[:, earlier]), f"{name} is declared non-causal yet is not"
+
+
+# ----------------------------------------------------------------------------- what a run prints
+
+@pytest.mark.parametrize("overrides,line", [
+    (dict(kind="gshard", claim_order="choice"),
+     "NON-CAUSAL: model.moe.router.claim_order='choice': every first choice claims capacity "
+     "before any second choice"),
+    (dict(kind="expert_choice"),
+     "NON-CAUSAL: model.moe.router.kind='expert_choice': a token's routing depends on later "
+     "tokens of its group"),
+])
+def test_a_noncausal_run_names_the_field_that_makes_it_so(overrides, line, capsys):
+  config = switch_small.get_config("tiny")
+  config.model.moe.router.update(allow_noncausal=True, **overrides)
+  experiment = config_lib.experiment_config_from(config, num_devices=8, num_processes=1)
+  model_config = dataclasses.replace(experiment.model, vocab_size=64)
+  scalars = run_report.report_params(Transformer(model_config, rngs=nnx.Rngs(0)), experiment)
+  assert scalars["model/noncausal_routing"] == 1.0
+  assert line in capsys.readouterr().out

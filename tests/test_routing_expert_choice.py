@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 from moejax.routing import RouterConfig
+from routing_reference import assert_combine, logits_from_probs, o, route_np, softmax64
 from test_moe import (E, M, S, T, _all_to_alls, _compiled_forward_text, apply,
                       assert_same_results, grads_fn, inputs, make_layer, sharded_grads)
-from test_routing import _assert_combine, _logits, _route, _softmax64, o
 
 ATOL = 1e-6
 
@@ -35,9 +35,10 @@ def test_each_expert_takes_its_top_c_tokens():
   # e1 scores .3 .6 .2 .5 .4  -> t1 (0), t3 (1)
   # e2 scores .2 .3 .6 .1 .25 -> t2 (0), t1 (1)
   # t4 is nobody's top 2: it reaches no expert; t1 and t3 reach two.
-  routed = _route(_logits(_PROBS, _SHIFT), _config(capacity_factor_train=1.0), train=True)
+  routed = route_np(logits_from_probs(_PROBS, _SHIFT), _config(capacity_factor_train=1.0),
+                    train=True)
   assert routed.capacity == 2
-  _assert_combine(routed, [[
+  assert_combine(routed, [[
       [[0.5, o], [o, o], [o, o]],  # t0
       [[o, o], [0.6, o], [o, 0.3]],  # t1
       [[o, o], [o, o], [0.6, o]],  # t2
@@ -72,7 +73,7 @@ def test_capacity_factor_two_and_eval_factor():
   assert config.capacity(2, train=True) == 2  # at most S
   assert _config(min_capacity=3, capacity_factor_eval=0.5).capacity(5, train=False) == 3
   # Eval, C = 1: e0 -> t0, e1 -> t1, e2 -> t2.
-  routed = _route(_logits(_PROBS), config, train=False)
+  routed = route_np(logits_from_probs(_PROBS), config, train=False)
   np.testing.assert_array_equal(routed.keep_GSK[0], [
       [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]])
   np.testing.assert_allclose(routed.metrics["dropped_fraction"], 2 / 5, atol=ATOL)
@@ -81,11 +82,11 @@ def test_capacity_factor_two_and_eval_factor():
 def test_padding_is_never_picked_and_nan_does_not_leak():
   # t1 padded, with NaN logits: e0 .5 .2 .4 .35 -> t0, t3; e1 .3 .2 .5 .4 -> t3, t4;
   # e2 .2 .6 .1 .25 -> t2, t4.
-  logits = np.asarray(_logits(_PROBS, _SHIFT)).copy()
+  logits = np.asarray(logits_from_probs(_PROBS, _SHIFT)).copy()
   logits[0, 1] = np.nan
   mask = np.array([[True, False, True, True, True]])
-  routed = _route(logits, _config(capacity_factor_train=1.0), train=True, padding_mask_GS=mask)
-  _assert_combine(routed, [[
+  routed = route_np(logits, _config(capacity_factor_train=1.0), train=True, padding_mask_GS=mask)
+  assert_combine(routed, [[
       [[0.5, o], [o, o], [o, o]],  # t0
       [[o, o], [o, o], [o, o]],  # t1: padding
       [[o, o], [o, o], [0.6, o]],  # t2
@@ -104,11 +105,11 @@ def test_padding_is_never_picked_and_nan_does_not_leak():
 def test_fewer_real_tokens_than_capacity_leave_slots_empty():
   # Group 0: only t2 real, C = 2: every expert picks t2 in slot 0 and leaves slot 1 empty.
   # Group 1: all padding: nothing is picked, nothing counts.
-  logits = np.asarray(_logits([_PROBS[0], _PROBS[0]])).copy()
+  logits = np.asarray(logits_from_probs([_PROBS[0], _PROBS[0]])).copy()
   logits[1] = -np.inf
   mask = np.array([[False, False, True, False, False], [False] * 5])
-  routed = _route(logits, _config(capacity_factor_train=1.0), train=True, padding_mask_GS=mask)
-  _assert_combine(routed, [[
+  routed = route_np(logits, _config(capacity_factor_train=1.0), train=True, padding_mask_GS=mask)
+  assert_combine(routed, [[
       [[o, o], [o, o], [o, o]],
       [[o, o], [o, o], [o, o]],
       [[0.2, o], [0.2, o], [0.6, o]],
@@ -125,8 +126,8 @@ def test_fewer_real_tokens_than_capacity_leave_slots_empty():
 
 def test_ties_go_to_the_earlier_token():
   # Four identical tokens, C = ceil(4 / 3) = 2: every expert picks t0 and t1.
-  routed = _route(_logits([[[0.5, 0.25, 0.25]] * 4]), _config(capacity_factor_train=1.0),
-                  train=True)
+  routed = route_np(logits_from_probs([[[0.5, 0.25, 0.25]] * 4]),
+                    _config(capacity_factor_train=1.0), train=True)
   np.testing.assert_array_equal(routed.keep_GSK[0], [[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]])
   np.testing.assert_array_equal(routed.slot_GSK[0], [[0, 0, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0]])
 
@@ -145,7 +146,7 @@ def test_settings_it_does_not_read_are_refused():
 
 def _reference_picks(logits_GSE, mask_GS, capacity):
   """(keep_GSE, slot_GSE): each expert's C best real tokens, ties in position order."""
-  probs = _softmax64(logits_GSE)
+  probs = softmax64(logits_GSE)
   G, S_, E_ = probs.shape
   keep = np.zeros((G, S_, E_), bool)
   slot = np.zeros((G, S_, E_), np.int64)
@@ -167,7 +168,7 @@ def test_properties_against_a_sequential_reference(G, S_, E_, factor, min_capaci
   mask[-1] = mask[-1] & (pad == 0)  # the last group is all padding when there is padding
   logits[~mask] = np.nan
   config = _config(num_experts=E_, capacity_factor_train=factor, min_capacity=min_capacity)
-  routed = _route(logits, config, train=True, padding_mask_GS=mask)
+  routed = route_np(logits, config, train=True, padding_mask_GS=mask)
   C = min(max(min_capacity, math.ceil(factor * S_ / E_)), S_)
   assert routed.capacity == C
   keep, slot, probs = _reference_picks(logits, mask, C)
@@ -193,10 +194,10 @@ def test_properties_against_a_sequential_reference(G, S_, E_, factor, min_capaci
 def test_a_later_token_changes_an_earlier_tokens_routing():
   # Non-causal by design: t3 scores higher at e0 than t0 once changed, and takes t0's place.
   config = _config(capacity_factor_train=0.6)  # C = ceil(0.6 * 5 / 3) = 1
-  before = _route(_logits(_PROBS), config, train=True)
+  before = route_np(logits_from_probs(_PROBS), config, train=True)
   probs = np.array(_PROBS)
   probs[0, 3] = [0.8, 0.1, 0.1]
-  after = _route(_logits(probs), config, train=True)
+  after = route_np(logits_from_probs(probs), config, train=True)
   assert before.keep_GSK[0, 0, 0] and not after.keep_GSK[0, 0, 0]
 
 

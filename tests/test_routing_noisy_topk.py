@@ -18,8 +18,8 @@ from family_checks import (E, assert_capacity_respected, dispatch_results, forwa
                            inputs, make_layer, routed, sharded_results, single_device_results)
 from moejax.routing import BalanceConfig, NoisyTopkConfig, RouterConfig, RouterInputs, route
 from moejax.routing.noisy_topk import prob_in_top_k_GSE
+from routing_reference import reference_combine, reference_route
 from test_moe import apply, assert_same_results
-from test_routing import reference_combine, reference_route
 
 ATOL = 1e-6
 

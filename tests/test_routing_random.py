@@ -19,8 +19,8 @@ from family_checks import (assert_capacity_respected, dispatch_results, forward,
                            single_device_results)
 from moejax.routing import RouterConfig, RouterInputs, route
 from moejax.routing.random_routing import position_uniform_SE
+from routing_reference import reference_route
 from test_moe import apply, assert_same_results, inputs
-from test_routing import reference_route
 
 ATOL = 1e-6
 

@@ -17,9 +17,9 @@ from flax import nnx
 
 from moejax.routing import BalanceConfig, RouterConfig, SinkhornConfig
 from moejax.routing.sinkhorn import sinkhorn_log_balance
+from routing_reference import logits_from_probs, route_np, softmax64
 from test_moe import (E, M, S, T, _all_to_alls, _compiled_forward_text, apply,
                       assert_same_results, grads_fn, inputs, make_layer, sharded_grads)
-from test_routing import _logits, _route, _softmax64
 
 ATOL = 1e-6
 
@@ -53,10 +53,10 @@ def _two_by_two(rho):
 
 def test_two_by_two_balanced_matrices_in_closed_form():
   # Router probabilities (.8, .2), (.5, .5): rho = (.8 * .5) / (.2 * .5) = 4, x = 2/3.
-  balanced, rounds = _balance(_logits([[[0.8, 0.2], [0.5, 0.5]]]))
+  balanced, rounds = _balance(logits_from_probs([[[0.8, 0.2], [0.5, 0.5]]]))
   np.testing.assert_allclose(balanced[0], [[2 / 3, 1 / 3], [1 / 3, 2 / 3]], atol=1e-5)
   # (.8, .2), (.6, .4): rho = .32 / .12 = 8/3.
-  balanced, _ = _balance(_logits([[[0.8, 0.2], [0.6, 0.4]]]))
+  balanced, _ = _balance(logits_from_probs([[[0.8, 0.2], [0.6, 0.4]]]))
   np.testing.assert_allclose(balanced[0], _two_by_two(8 / 3), atol=1e-5)
   assert 1 <= rounds[0] < 50
 
@@ -68,7 +68,7 @@ def test_rows_total_one_and_columns_their_share_with_padding():
   probs = [[[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]],
            [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.6, 0.3, 0.1],
             [0.1, 0.1, 0.8]]]
-  logits = np.asarray(_logits(probs)).copy()
+  logits = np.asarray(logits_from_probs(probs)).copy()
   logits[0, [1, 3]] = np.nan
   mask = np.array([[True, False, True, False, True], [True, True, True, True, False]])
   balanced, rounds = _balance(logits, mask, iterations=200, tolerance=1e-5)
@@ -87,7 +87,7 @@ def test_rows_total_one_and_columns_their_share_with_padding():
 
 
 def test_identical_rows_balance_in_one_round_to_uniform():
-  balanced, rounds = _balance(_logits([[[0.7, 0.2, 0.1]] * 6]))
+  balanced, rounds = _balance(logits_from_probs([[[0.7, 0.2, 0.1]] * 6]))
   np.testing.assert_allclose(balanced[0], np.full((6, 3), 1 / 3), atol=1e-6)
   assert rounds[0] == 1
 
@@ -110,7 +110,7 @@ def test_a_converged_group_is_frozen_so_other_groups_do_not_change_it():
   # Group 0 converges in one round; group 1 needs many. Group 0's result alone and beside
   # group 1 is bitwise the same (what makes the sharded layer equal the single-device one).
   rng = np.random.default_rng(5)
-  fast = np.asarray(_logits([[[0.7, 0.2, 0.1]] * 8]))
+  fast = np.asarray(logits_from_probs([[[0.7, 0.2, 0.1]] * 8]))
   slow = (rng.normal(size=(1, 8, 3)) * 4).astype(np.float32)
   alone, alone_rounds = _balance(fast, tolerance=1e-5)
   both, both_rounds = _balance(np.concatenate([fast, slow]), tolerance=1e-5)
@@ -128,28 +128,28 @@ def test_training_picks_on_balanced_scores_with_unbalanced_weights():
   # Balanced: [[2/3, 1/3], [1/3, 2/3]]: t1 goes to e1 in training although its router
   # probabilities tie (and plain top-1 picks e0, the lower index, in evaluation).
   config = _config(capacity_factor_train=2.0, capacity_factor_eval=2.0)
-  logits = _logits([[[0.8, 0.2], [0.5, 0.5]]])
-  train = _route(logits, config, train=True)
+  logits = logits_from_probs([[[0.8, 0.2], [0.5, 0.5]]])
+  train = route_np(logits, config, train=True)
   np.testing.assert_array_equal(train.expert_index_GSK[0, :, 0], [0, 1])
   np.testing.assert_allclose(train.weight_GSK[0, :, 0], [0.8, 0.5], atol=ATOL)
   np.testing.assert_allclose(train.metrics["expert_load"], [0.5, 0.5], atol=ATOL)
-  evaluation = _route(logits, config, train=False)
+  evaluation = route_np(logits, config, train=False)
   np.testing.assert_array_equal(evaluation.expert_index_GSK[0, :, 0], [0, 0])
   np.testing.assert_allclose(evaluation.metrics["expert_load"], [1.0, 0.0], atol=ATOL)
   # Renormalised over k = 1, every weight is 1.
-  normalized = _route(logits, _config(capacity_factor_train=2.0, normalize_weights=True),
-                      train=True)
+  normalized = route_np(logits, _config(capacity_factor_train=2.0, normalize_weights=True),
+                        train=True)
   np.testing.assert_allclose(normalized.weight_GSK[0, :, 0], [1.0, 1.0], atol=ATOL)
   assert set(train.losses) == {"router_z_loss"}
 
 
 def test_a_later_token_changes_an_earlier_tokens_choice_in_training_only():
   config = _config(capacity_factor_train=2.0, capacity_factor_eval=2.0)
-  first = _logits([[[0.6, 0.4], [0.9, 0.1]]])
-  second = _logits([[[0.6, 0.4], [0.1, 0.9]]])
+  first = logits_from_probs([[[0.6, 0.4], [0.9, 0.1]]])
+  second = logits_from_probs([[[0.6, 0.4], [0.1, 0.9]]])
   for train, changes in [(True, True), (False, False)]:
-    a = _route(first, config, train=train).expert_index_GSK[0, 0, 0]
-    b = _route(second, config, train=train).expert_index_GSK[0, 0, 0]
+    a = route_np(first, config, train=train).expert_index_GSK[0, 0, 0]
+    b = route_np(second, config, train=train).expert_index_GSK[0, 0, 0]
     assert (a != b) == changes, train
   assert not config.causal(train=True) and config.causal(train=False)
 
@@ -168,9 +168,9 @@ def test_evaluation_is_plain_topk(k, normalize, factor, pad):
   logits, mask = _skewed_inputs(4, 8, 4, zlib.crc32(repr((k, factor)).encode()), pad)
   common = dict(num_experts=4, k=k, normalize_weights=normalize, capacity_factor_eval=factor,
                 min_capacity=1)
-  got = _route(logits, _config(**common), train=False, padding_mask_GS=mask)
+  got = route_np(logits, _config(**common), train=False, padding_mask_GS=mask)
   topk = RouterConfig(kind="topk", **common)
-  want = _route(logits, topk, train=False, padding_mask_GS=mask)
+  want = route_np(logits, topk, train=False, padding_mask_GS=mask)
   for name in ("expert_index_GSK", "slot_GSK", "keep_GSK", "weight_GSK", "combine"):
     np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
@@ -182,7 +182,7 @@ def test_training_properties(k, normalize, factor, pad):
   logits, mask = _skewed_inputs(G, S_, E_, zlib.crc32(repr((k, factor, pad)).encode()), pad)
   config = _config(num_experts=E_, k=k, normalize_weights=normalize, capacity_factor_train=factor,
                    capacity_factor_eval=factor, iterations=100, tolerance=1e-4)
-  got = _route(logits, config, train=True, padding_mask_GS=mask)
+  got = route_np(logits, config, train=True, padding_mask_GS=mask)
   C = max(1, math.ceil(k * factor * S_ / E_))
   assert got.capacity == C
   # Selection: the top-k of each row of the balanced matrix.
@@ -190,7 +190,7 @@ def test_training_properties(k, normalize, factor, pad):
   want_expert = np.argsort(-balanced, axis=-1, kind="stable")[..., :k]
   np.testing.assert_array_equal(got.expert_index_GSK[mask], want_expert[mask])
   # Weights: the unbalanced softmax probabilities of the chosen experts, where kept.
-  probs = _softmax64(np.where(mask[..., None], logits, 0.0))
+  probs = softmax64(np.where(mask[..., None], logits, 0.0))
   gates = np.take_along_axis(probs, got.expert_index_GSK, -1)
   if normalize:
     gates = gates / gates.sum(-1, keepdims=True)
@@ -200,7 +200,7 @@ def test_training_properties(k, normalize, factor, pad):
   assert np.all(got.dispatch.sum(axis=1) <= 1)
   assert not np.any(got.keep_GSK[~mask])
   # The skewed router overloads expert 0 in evaluation; Sinkhorn balances training's choice.
-  evaluation = _route(logits, config, train=False, padding_mask_GS=mask)
+  evaluation = route_np(logits, config, train=False, padding_mask_GS=mask)
   assert (float(got.metrics["max_load_violation"]) + 0.5
           < float(evaluation.metrics["max_load_violation"]))
 
