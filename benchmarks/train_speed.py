@@ -5,12 +5,15 @@ Usage:
   .venv/bin/python benchmarks/train_speed.py --steps 5 --repeats 2
   .venv/bin/python benchmarks/train_speed.py --experiments dense_small switch_small gshard_small
   .venv/bin/python benchmarks/train_speed.py --set train.batch_size=32 data.vocab_size=4096
+  .venv/bin/python benchmarks/train_speed.py --study capacity_factor   # a study's runs
 
 Each experiment's full `train_step` (forward, backward, AdamW update) is compiled once on the
 mesh its config names (one device by default), then the experiments are timed in many short
 interleaved rounds of `--steps` steps on synthetic token batches of the configured shape, so that
 load from other processes hits all of them alike; each reports its best round (the least
-disturbed). On a busy machine, raise `--repeats`.
+disturbed). On a busy machine, raise `--repeats`. `--study NAME` times each run of a study
+(experiments/studies/NAME.py: its experiment with the study's and the run's overrides) instead:
+the quiet, side-by-side speed figure for a study whose training runs shared the machine.
 Prints tokens/s per experiment, each one's ratio to the first (the goal for switch_small over
 dense_small on a 2-core CPU: >= 0.8), the achieved model TFLOP/s per device and, on devices with
 a known peak, the MFU (moejax/flops.py). No dataset is needed: the vocabulary is `data.vocab_size`.
@@ -26,6 +29,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -33,11 +37,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from moejax import config as config_lib  # noqa: E402
 from moejax import device_peak, flops, sharding, train  # noqa: E402
+from moejax.study import spec as study_spec  # noqa: E402
 
 
 def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--experiments", nargs="+", default=["dense_small", "switch_small"])
+  p.add_argument("--study", help="time each run of this study instead (experiment + overrides)")
   p.add_argument("--steps", type=int, default=4, help="steps per timed round")
   p.add_argument("--repeats", type=int, default=8, help="timed rounds per experiment")
   p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -45,9 +51,18 @@ def _parse_args(argv):
   return p.parse_args(argv)
 
 
-def _setup(name: str, overrides: list[str]):
+def _candidates(args) -> dict[str, tuple[ml_collections.ConfigDict, list[str]]]:
+  """name -> (experiment config, overrides): the named experiments, or a study's runs."""
+  if args.study is None:
+    return {name: (importlib.import_module(f"experiments.{name}").get_config(), args.set)
+            for name in args.experiments}
+  _, study = study_spec.load_study(args.study)
+  return {run.name: (study_spec.load_experiment(run.experiment, run.name),
+                     [*study.overrides, *run.overrides, *args.set]) for run in study.runs}
+
+
+def _setup(config: ml_collections.ConfigDict, overrides: list[str]):
   """(step function, state, batch, tokens per step, mesh) of one experiment."""
-  config = importlib.import_module(f"experiments.{name}").get_config()
   config_lib.apply_overrides(config, overrides)
   experiment = config_lib.experiment_config_from(config)
   model_config = dataclasses.replace(experiment.model, vocab_size=experiment.data.vocab_size)
@@ -81,9 +96,9 @@ def _time_round(run, steps: int) -> float:
 def main(argv=None):
   args = _parse_args(argv)
   runs = {}
-  for name in args.experiments:
+  for name, (config, overrides) in _candidates(args).items():
     t0 = time.perf_counter()
-    runs[name] = _setup(name, args.set)
+    runs[name] = _setup(config, overrides)
     print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s "
           f"({runs[name]['tokens']} tokens per step)", flush=True)
   rates = {name: [] for name in runs}
@@ -93,7 +108,7 @@ def main(argv=None):
       rates[name].append(_time_round(runs[name], args.steps))
     order.reverse()  # neither experiment always runs first after the other
   best = {name: max(r) for name, r in rates.items()}
-  base = args.experiments[0]
+  base = next(iter(runs))
   kind, peak = device_peak.local_peak_flops()
   print(f"\ntraining tokens/s (best of {args.repeats} rounds of {args.steps} steps; "
         f"{jax.device_count()} x {kind}; MFU against "
