@@ -14,7 +14,7 @@ Hardware: one CPU.
 
 Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
 steps, validation every 125 steps): validation loss 4.061, the lowest of every router in the
-study, 0.14 below switch_small's 4.204 (dense_small 4.231, gshard_small 4.176); 0.4% of tokens
+study, 0.14 below switch_small's 4.204 (dense_small 4.231, gshard_small 4.187); 0.4% of tokens
 dropped at evaluation, MaxVio 0.54. The choice reads only the token's own id (the model's input,
 never its target), so nothing leaks from later tokens; Roller et al. 2021 also find hash layers
 ahead of Switch. One seed: seeds 1 and 2 of the study are still to run. Run time: 15 minutes on

@@ -19,11 +19,11 @@ training (64 in evaluation). V-MoE's fixed-noise variant (std 1/E, weights not r
 Hardware: one CPU.
 
 Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
-steps, validation every 125 steps): validation loss 4.190, perplexity 66.0, nothing dropped at
-evaluation. In the same study: dense_small 4.231, switch_small 4.204, gshard_small 4.176 (one
-seed each: differences under about 0.02 need more seeds). Run time: 31 minutes on the 2-core
-machine shared with other work (1.3k tokens/s); switch_small's 500 steps take about 7 minutes on
-a quiet machine.
+steps, validation every 125 steps): validation loss 4.201, perplexity 66.7, nothing dropped at
+evaluation. In the same study: dense_small 4.231, switch_small 4.204, gshard_small 4.187 (one
+seed each: differences under about 0.02 need more seeds). Run time: 11 minutes on the 2-core
+machine, partly shared with other work; switch_small's 500 steps take about 7 minutes on a quiet
+machine.
 """
 
 from experiments import base

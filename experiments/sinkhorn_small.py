@@ -21,7 +21,7 @@ Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` shards the experts.
 Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
 steps, validation every 125 steps): validation loss 4.193 (evaluation routes by plain top-1, with
 2.8% of tokens dropped at factor 2.0; MaxVio 0.90 at evaluation, where no balancing applies). In
-the same study: dense_small 4.231, switch_small 4.204, gshard_small 4.176 (one seed each:
+the same study: dense_small 4.231, switch_small 4.204, gshard_small 4.187 (one seed each:
 differences under about 0.02 need more seeds). Run time: 18 minutes on the 2-core machine shared
 with other work; switch_small's 500 steps take about 7 minutes on a quiet machine.
 """

@@ -22,7 +22,7 @@ Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` shards the experts.
 Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
 steps, validation every 125 steps): validation loss 4.225, not comparable with the causal routers
 (see above); nothing is dropped by construction. In the same study: dense_small 4.231,
-switch_small 4.204, gshard_small 4.176 (one seed each). With z-loss 0.001 through switch_small's
+switch_small 4.204, gshard_small 4.187 (one seed each). With z-loss 0.001 through switch_small's
 router settings, an earlier run reached 4.274. Run time: 16 minutes on the 2-core machine shared
 with other work (its dispatch and combine are dense matmuls: see docs/benchmarks.md).
 """
