@@ -304,8 +304,7 @@ def _claim_order_before_field(experiment: ExperimentConfig) -> str:
   moe = experiment.model.moe
   if moe is None or moe.dispatch is DispatchKind.DROPLESS:
     return ClaimOrder.POSITION.value
-  router = moe.router
-  if "claim_order" not in router.family.reads or "claim_order" in router.unused_fields():
+  if "claim_order" in moe.router.unused_fields():  # not read by the kind, or k = 1
     return ClaimOrder.POSITION.value
   return ClaimOrder.CHOICE.value
 

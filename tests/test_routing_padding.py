@@ -81,11 +81,15 @@ _LOSS_PROBS = [
 _LOSS_SHIFT = [[1.0, 2.0, 3.0, 10.0], [-2.0, 5.0, 5.0, 5.0]]
 
 
-def test_losses_with_padding_by_hand():
-  mask = jnp.array([[True, True, True, False], [True, False, False, False]])
+def _loss_decision(mask):
+  """`_LOSS_PROBS` routed by Switch over 2 experts with room for every token (C = S)."""
   config = router_config(num_experts=2, capacity_factor_train=2.0)
-  decision = route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
-                      padding_mask_GS=mask)
+  return route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
+                  padding_mask_GS=jnp.array(mask))
+
+
+def test_losses_with_padding_by_hand():
+  decision = _loss_decision([[True, True, True, False], [True, False, False, False]])
   losses, metrics = decision.losses, decision.metrics
   # Group 0 (t0, t1, t2): f = [2, 1] / 3; P = [(.6+.3+.8)/3, (.4+.7+.2)/3] = [1.7, 1.3] / 3;
   #   LB0 = 2 * (2/3 * 1.7/3 + 1/3 * 1.3/3) = 2 * 4.7 / 9 = 9.4 / 9.
@@ -108,10 +112,7 @@ def test_losses_with_padding_by_hand():
 def test_all_padding_group_counts_in_no_loss():
   # Group 1 entirely padding: the load-balancing loss is group 0's alone (not halved by an empty
   # group), and the z-loss is the mean over group 0's three real tokens: (1 + 4 + 9) / 3.
-  mask = jnp.array([[True, True, True, False], [False, False, False, False]])
-  config = router_config(num_experts=2, capacity_factor_train=2.0)
-  decision = route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
-                      padding_mask_GS=mask)
+  decision = _loss_decision([[True, True, True, False], [False, False, False, False]])
   losses, metrics = decision.losses, decision.metrics
   np.testing.assert_allclose(losses["load_balancing_loss"], 9.4 / 9, atol=1e-5)
   np.testing.assert_allclose(losses["router_z_loss"], 14 / 3, atol=1e-5)
@@ -121,10 +122,7 @@ def test_all_padding_group_counts_in_no_loss():
 
 
 def test_everything_padding_gives_finite_zero_losses():
-  mask = jnp.zeros((2, 4), jnp.bool_)
-  config = router_config(num_experts=2, capacity_factor_train=2.0)
-  decision = route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
-                      padding_mask_GS=mask)
+  decision = _loss_decision(np.zeros((2, 4), bool))
   losses, metrics = decision.losses, decision.metrics
   for name, value in {**losses, **metrics}.items():
     assert np.all(np.isfinite(value)), name
@@ -136,18 +134,14 @@ def test_everything_padding_gives_finite_zero_losses():
 def test_dropped_assignment_fraction_is_zero_without_assignments():
   # All tokens are padding: there is no assignment, so none was dropped (0 of 0), just as
   # dropped_fraction is 0. Padding must not show up as 100% of assignments dropped.
-  mask = jnp.zeros((2, 4), jnp.bool_)
-  config = router_config(num_experts=2, capacity_factor_train=2.0)
-  decision = route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
-                      padding_mask_GS=mask)
+  decision = _loss_decision(np.zeros((2, 4), bool))
   assert float(decision.metrics["dropped_assignment_fraction"]) == 0.0
 
 
 def test_padding_logits_do_not_change_losses_or_metrics():
   mask = jnp.array([[True, True, True, False], [True, False, False, False]])
   config = router_config(num_experts=2, capacity_factor_train=2.0)
-  reference = route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
-                       padding_mask_GS=mask)
+  reference = _loss_decision(mask)
   logits = np.asarray(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT)).copy()
   logits[0, 3] = [40.0, -30.0]
   logits[1, 1:] = [[-50.0, 7.0], [3.0, 3.0], [0.0, 60.0]]
@@ -160,8 +154,7 @@ def test_non_finite_padding_logits_do_not_leak():
   # common way of masking) or NaN must therefore give the same numbers as any other padding.
   mask = jnp.array([[True, True, True, False], [True, False, False, False]])
   config = router_config(num_experts=2, capacity_factor_train=2.0)
-  reference = route_np(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT), config, train=True,
-                       padding_mask_GS=mask)
+  reference = _loss_decision(mask)
   logits = np.asarray(logits_from_probs(_LOSS_PROBS, _LOSS_SHIFT)).copy()
   logits[0, 3] = [-np.inf, -np.inf]
   logits[1, 1] = [np.nan, np.nan]

@@ -63,17 +63,13 @@ def claim_slots(expert_index_GSK, active_GSK, num_experts, priority_GS=None, *,
   if priority_GS is not None:
     order_GS = jnp.argsort(-priority_GS, axis=1, stable=True)
     mask_GSKE = jnp.take_along_axis(mask_GSKE, order_GS[:, :, None, None], axis=1)
-  # The queue: (G, S, K, E) flattened token-major, or (G, K, S, E) choice-major, to (G, Q, E);
-  # a running count along Q gives each assignment its place in its expert's queue.
-  if choice_major:
-    mask_GQE = jnp.transpose(mask_GSKE, (0, 2, 1, 3)).reshape(G, K * S, num_experts)
-  else:
-    mask_GQE = mask_GSKE.reshape(G, S * K, num_experts)
-  position_GQE = jnp.cumsum(mask_GQE, axis=1) - 1
-  if choice_major:
-    position_GSKE = jnp.transpose(position_GQE.reshape(G, K, S, num_experts), (0, 2, 1, 3))
-  else:
-    position_GSKE = position_GQE.reshape(G, S, K, num_experts)
+  # The queue: (G, S, K, E) token-major, or swapped to (G, K, S, E) choice-major, flattened to
+  # (G, Q, E); a running count along Q gives each assignment its place in its expert's queue.
+  # The swap is its own inverse.
+  axes = (0, 2, 1, 3) if choice_major else (0, 1, 2, 3)
+  queue = jnp.transpose(mask_GSKE, axes)
+  position = jnp.cumsum(queue.reshape(G, S * K, num_experts), axis=1).reshape(queue.shape) - 1
+  position_GSKE = jnp.transpose(position, axes)
   if priority_GS is not None:
     inverse_GS = jnp.argsort(order_GS, axis=1)
     position_GSKE = jnp.take_along_axis(position_GSKE, inverse_GS[:, :, None, None], axis=1)
