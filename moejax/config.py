@@ -272,17 +272,9 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
   checks. A workdir without a saved config (or a fresh run) just saves it.
   """
   path = epath.Path(workdir) / CONFIG_FILE
-  new = typed_config.as_plain(experiment)
   changes = []
   if resuming and path.exists():
-    old = json.loads(path.read_text())
-    changes = typed_config.differences(old, json.loads(json.dumps(new)))
-    # A field added to moejax after the workdir's config was saved held what moejax did before
-    # it existed: its default, or the value BEFORE_FIELD gives.
-    defaults = json.loads(json.dumps(typed_config.as_plain(default_config().to_dict())))
-    changes = [(field, _saved_value(field, before, after, experiment, defaults), after)
-               for field, before, after in changes]
-    changes = [change for change in changes if change[1] != change[2]]
+    changes = saved_changes(workdir, experiment)
     refused = [c for c in changes if c[0] not in RESUMABLE_FIELDS or not (
         {c[1], c[2]} <= RESUMABLE_VALUES.get(c[0], {c[1], c[2]}))]
     if refused:
@@ -293,8 +285,23 @@ def check_resume(workdir, experiment: ExperimentConfig, *, resuming: bool,
           f"must keep it: rerun with the old value, or use a new --workdir. Fields that may "
           f"change on resume: {', '.join(RESUMABLE_FIELDS)}.")
   if write:
-    storage.replace_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    storage.replace_text(path, json.dumps(typed_config.as_plain(experiment), indent=2,
+                                          sort_keys=True) + "\n")
   return changes
+
+
+def saved_changes(workdir, experiment: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+  """(path, saved, now) of every field where `experiment` differs from WORKDIR/config.json.
+
+  A field added to moejax after that config was saved held what moejax did before it existed:
+  its default, or the value BEFORE_FIELD gives; it differs only where `experiment` sets another.
+  """
+  old = json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
+  new = json.loads(json.dumps(typed_config.as_plain(experiment)))
+  defaults = json.loads(json.dumps(typed_config.as_plain(default_config().to_dict())))
+  changes = [(field, _saved_value(field, before, after, experiment, defaults), after)
+             for field, before, after in typed_config.differences(old, new)]
+  return [change for change in changes if change[1] != change[2]]
 
 
 def _claim_order_before_field(experiment: ExperimentConfig) -> str:

@@ -9,7 +9,6 @@ aggregation against numpy, a rerun that trains nothing, a changed setting that s
 Killing a study midway and the committed fixture report are slow tests.
 """
 
-import importlib
 import json
 import math
 import os
@@ -29,15 +28,11 @@ import study_cells
 from moejax import lock as lock_lib
 from moejax import metrics
 from moejax.data import corpora
-from moejax.model import active_ffn_flops_per_token
-from moejax.routing import REGISTRY, RouterKind
 from moejax.study import (Evaluation, Run, Study, StudyError, __main__ as study_main, report,
-                          spec)
+                          sharing, spec)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-STUDY_FILES = sorted(p.stem for p in (REPO / "experiments" / "studies").glob("*.py")
-                     if not p.stem.startswith("_"))
 
 pytestmark = pytest.mark.usefixtures("compile_once", "in_repository")
 
@@ -225,6 +220,66 @@ def test_a_changed_setting_of_a_finished_run_stops_the_study(pair, env, tmp_path
   assert snapshot(pair.dir, skip=(pair.dir / "run.lock",)) == before
 
 
+def test_a_run_another_study_finished_is_shared_not_retrained(pair, env):
+  """A second study holding the pair's run (every setting equal) under the same runs root links
+  its jobs to the pair's workdirs: nothing trains, its numbers are the pair's, its report says
+  where they come from; a rerun keeps the links."""
+  other = write_study(pair.root / "other.py")
+  before = snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock"))
+  for attempt in range(2):
+    result = run_study(other, pair.root / "runs", env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "study: 2 runs: 2 finished, 0 to do" in result.stdout
+    assert "to do: switch" not in result.stdout
+    assert ("shared, not retrained" in result.stdout) == (attempt == 0)
+  assert snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock")) == before
+  for seed, workdir in enumerate(pair.workdirs):
+    link = pair.root / "runs" / "other" / "switch" / f"seed_{seed}"
+    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+    assert link.resolve() == workdir.resolve()
+  mine = json.loads((pair.root / "runs" / "other" / "report" / "other.json").read_text())
+  theirs = json.loads((pair.report / "pair.json").read_text())
+  assert mine["runs"][0]["metrics"] == theirs["runs"][0]["metrics"]
+  assert mine["runs"][0]["shared"] == {"0": "pair/switch/seed_0", "1": "pair/switch/seed_1"}
+  assert theirs["runs"][0]["shared"] == {}
+  assert "* switch, seed 1: `pair/switch/seed_1`" in (
+      pair.root / "runs" / "other" / "report" / "other.md").read_text()
+
+
+def test_only_a_finished_run_with_every_setting_equal_is_a_twin(pair, tmp_path):
+  runs = pair.root / "runs"
+
+  def twins(**study_args):
+    _, study = spec.load_study(str(write_study(tmp_path / "probe.py", **study_args)))
+    return [sharing.find_twin(job, runs) for job in spec.jobs(study, runs / "probe")]
+
+  assert twins() == pair.workdirs
+  assert twins(seeds=(1, 2)) == [pair.workdirs[1], None]
+  assert twins(overrides=("model.moe.router.z_loss_weight=0.0",)) == [None, None]
+  assert twins(steps=4) == [None, None]
+  assert twins(evaluations=1) == [None, None]  # train.eval_every differs
+  _, study = spec.load_study(str(pair.file))  # a study's own runs are not its twins
+  assert [sharing.find_twin(job, runs) for job in spec.jobs(study, pair.dir)] == [None, None]
+  # A run not yet finished is no twin.
+  copy = tmp_path / "runs" / "x" / "switch" / "seed_0"
+  shutil.copytree(pair.workdirs[0], copy)
+  _, study = spec.load_study(str(write_study(tmp_path / "probe.py", seeds=(0,))))
+  job = spec.jobs(study, tmp_path / "runs" / "probe")[0]
+  assert sharing.find_twin(job, tmp_path / "runs") == copy
+  records = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+  (copy / "metrics.jsonl").write_text("".join(records[:-1]))
+  assert sharing.find_twin(job, tmp_path / "runs") is None
+
+
+def test_no_share_trains_the_run_again(pair, env):
+  result = run_study(write_study(pair.root / "own.py", seeds=(0,)), pair.root / "runs", env,
+                     "--no-share")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "study: 1 runs: 0 finished, 1 to do" in result.stdout
+  workdir = pair.root / "runs" / "own" / "switch" / "seed_0"
+  assert not workdir.is_symlink() and (workdir / "checkpoints" / "3").is_dir()
+
+
 def test_extra_evaluations_of_finished_runs_become_metrics(pair, env, tmp_path):
   """Added to a finished study, they evaluate each run once (no training) on the trainer's
   validation batches: under the run's own capacity factor, the loss the trainer logged; under a
@@ -367,44 +422,6 @@ def test_cells_and_readings():
   assert "14.1 standard errors of the difference: larger than the seed-to-seed noise" in text
   result["runs"][0]["metrics"]["eval/loss"]["mean"] = 1.1  # 0.1 / 0.0707 = 1.4 standard errors
   assert "1.4 standard errors of the difference: within" in report.reading(result, "eval/loss")
-
-
-# ----------------------------------------------------------------------------- the studies
-
-
-@pytest.fixture(scope="module", params=STUDY_FILES)
-def study_jobs(request, tmp_path_factory):
-  name, study = spec.load_study(request.param)
-  return name, study, spec.jobs(study, tmp_path_factory.mktemp(name))
-
-
-def test_every_study_validates_with_three_seeds_and_documents_its_command(study_jobs):
-  name, study, jobs = study_jobs
-  assert name in ("compare", "routers", "num_experts", "capacity_factor", "precision",
-                  "init_scale", "balancing", "ptb")
-  for run in study.runs:
-    assert len(study.seeds_of(run)) >= 3, (name, run.name)
-  doc = importlib.import_module(f"experiments.studies.{name}").__doc__
-  assert f"python -m moejax.study {name}" in doc
-
-
-def test_every_study_compares_at_equal_active_ffn_flops(study_jobs):
-  name, _, jobs = study_jobs
-  flops = {job.run.name: active_ffn_flops_per_token(job.experiment.model) for job in jobs}
-  assert len(set(flops.values())) == 1, (name, flops)
-
-
-def test_routers_study_runs_every_registered_router():
-  routers = importlib.import_module("experiments.studies.routers")
-  assert set(routers.SETTINGS) == set(RouterKind)  # a new kind needs its equal-FLOPs settings
-  _, study = spec.load_study("routers")
-  assert [run.name for run in study.runs] == ["dense"] + [k.value for k in RouterKind
-                                                          if k in REGISTRY]
-  for run in study.runs[1:]:
-    family = REGISTRY[RouterKind(run.name)]
-    assert ("non-causal" in run.note) == (not (family.causal_train and family.causal_eval))
-  missing = [k.value for k in RouterKind if k not in REGISTRY]
-  assert all(kind in study.description for kind in missing)
 
 
 # ----------------------------------------------------------------------------- slow

@@ -2,12 +2,15 @@
 
     python -m moejax.study NAME [--steps N] [--seeds S ...] [--runs-root runs/studies]
                                 [--write-docs [--docs-dir docs/studies]] [--list] [--retry-failed]
+                                [--no-share]
 
 NAME is a study file's stem (`experiments/studies/NAME.py`) or a path to a study file. Runs go to
 RUNS_ROOT/NAME/<run>/seed_<seed> (RUNS_ROOT/NAME-<N>steps/... with --steps, so that a shortened
 study never continues the full one's runs). The report (NAME.md, NAME.json and the PNG figures)
 goes to RUNS_ROOT/NAME/report, and with --write-docs to DOCS_DIR instead (the committed copy).
 The report is written once every run has finished or failed; a stopped study writes nothing.
+A run whose settings equal a run another study under RUNS_ROOT has finished is shared with it,
+not trained again (moejax/study/sharing.py; --no-share turns that off).
 
 Exit status: 0 done, or stopped by SIGTERM / Ctrl-C (rerun the same command to resume); 1 some
 runs failed (the report lists them); 2 bad input (the study file, a setting, a workdir made with
@@ -21,7 +24,7 @@ import pathlib
 import sys
 
 from moejax import lock as lock_lib
-from moejax.study import aggregate, figures, report, runner, spec
+from moejax.study import aggregate, figures, report, runner, sharing, spec
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -42,6 +45,9 @@ def parse_args(argv):
                  help="print every run, seed and its state; train nothing")
   p.add_argument("--retry-failed", action="store_true",
                  help="train again the runs whose last attempt failed")
+  p.add_argument("--no-share", action="store_true",
+                 help="train every run here, even one another study under RUNS_ROOT has "
+                      "finished with the same settings (moejax/study/sharing.py)")
   return p.parse_args(argv)
 
 
@@ -65,8 +71,9 @@ def study_dir(args, name: str) -> pathlib.Path:
 
 def list_jobs(jobs) -> None:
   for job in jobs:
+    where = sharing.shared_with(job)
     print(f"{job.run.name:<24} seed {job.seed:<4} {job.num_steps:>7} steps   "
-          f"{runner.status(job):<9} {job.workdir}")
+          f"{runner.status(job):<9} {job.workdir}" + (f" (shared: {where})" if where else ""))
 
 
 def write_report(name: str, study: spec.Study, jobs, args) -> list[pathlib.Path]:
@@ -89,6 +96,8 @@ def main(argv=None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(directory):
       runner_ = runner.Runner(jobs, retry_failed=args.retry_failed)
+      if not args.no_share:
+        sharing.share(jobs, pathlib.Path(args.runs_root), runner_.say)
       outcome = runner_.run()
       paths = write_report(name, study, jobs, args)
   except runner.Stop:

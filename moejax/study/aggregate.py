@@ -30,6 +30,7 @@ import numpy as np
 
 from moejax import metrics as metrics_lib
 from moejax.model import active_ffn_flops_per_token
+from moejax.study import sharing
 from moejax.study.runner import RunRecord, is_finished
 from moejax.study.spec import TOKENS_PER_SEC, Evaluation, Job, Study
 
@@ -149,6 +150,8 @@ def aggregate_run(run_jobs: Sequence[Job], study: Study) -> dict[str, Any]:
       "seeds": [job.seed for job in run_jobs],
       "finished_seeds": [job.seed for job in finished],
       "failed": failed,
+      "shared": {str(job.seed): where for job in run_jobs
+                 if (where := sharing.shared_with(job)) is not None},
       "num_steps": experiment.train.num_steps,
       "training_tokens": (experiment.train.num_steps * experiment.train.batch_size *
                           experiment.data.seq_len),

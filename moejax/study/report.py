@@ -115,6 +115,12 @@ def markdown(result: dict[str, Any], figures: Sequence[tuple[str, str]]) -> str:
   if failures:
     lines += ["", "Runs that failed (left out of the numbers above):", ""]
     lines += [f"* {name}, seed {seed}: {reason}" for name, seed, reason in failures]
+  shared = [(run["name"], seed, where) for run in result["runs"]
+            for seed, where in run.get("shared", {}).items()]
+  if shared:
+    lines += ["", "Runs shared with another study (the same settings in every field, trained "
+              "once; paths under the runs root):", ""]
+    lines += [f"* {name}, seed {seed}: `{where}`" for name, seed, where in shared]
   if figures:
     lines += ["", "## Figures"]
   for label, file_name in figures:

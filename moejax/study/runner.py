@@ -200,7 +200,7 @@ class Runner:
     todo = [job for job in self.jobs if status(job) in ("new", "resume") or
             (self.retry_failed and status(job) == "failed")]
     done = len([job for job in self.jobs if status(job) == "finished"])
-    self._say(f"{len(self.jobs)} runs: {done} finished, {len(todo)} to do")
+    self.say(f"{len(self.jobs)} runs: {done} finished, {len(todo)} to do")
     previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
       for index, job in enumerate(todo, start=1):
@@ -221,13 +221,13 @@ class Runner:
 
   def _run_job(self, job: Job, index: int, todo: list[Job]) -> None:
     job.workdir.mkdir(parents=True, exist_ok=True)
-    _wait_for_lock(job, self._say)
+    _wait_for_lock(job, self.say)
     record = RunRecord.read(job.workdir)
     record.attempts += 1
     record.failed = None
     saved = latest_checkpoint(job.workdir)
     what = f"resuming from step {saved}" if saved else "new"
-    self._say(f"run {index}/{len(todo)} to do: {job.label} ({what}); "
+    self.say(f"run {index}/{len(todo)} to do: {job.label} ({what}); "
               f"{self._time_left(todo, index)}")
     log_path = job.workdir / LOG_FILE
     start = time.monotonic()
@@ -250,15 +250,15 @@ class Runner:
       record.failed = _reason(log_path, returncode)
     record.write(job.workdir)
     if finished:
-      self._say(f"run {index}/{len(todo)} to do: {job.label} finished in "
+      self.say(f"run {index}/{len(todo)} to do: {job.label} finished in "
                 f"{_minutes(record.wall_seconds)}")
     elif record.failed is not None:
-      self._say(f"run {index}/{len(todo)} to do: {job.label} FAILED: {record.failed} "
+      self.say(f"run {index}/{len(todo)} to do: {job.label} FAILED: {record.failed} "
                 f"(log: {log_path})")
 
   def _evaluate(self, job: Job, evaluation: Evaluation, what: str) -> None:
     """Runs one extra evaluation of a finished job (its output goes to the job's log)."""
-    self._say(f"{what}: {job.label} under {' '.join(evaluation.settings)}")
+    self.say(f"{what}: {job.label} under {' '.join(evaluation.settings)}")
     log_path = job.workdir / LOG_FILE
     with log_path.open("a") as log:
       self._child = _start(job.evaluation_argv(evaluation), log)
@@ -271,7 +271,7 @@ class Runner:
       raise StudyError(f"run {job.run.name}, seed {job.seed}: evaluation {evaluation.name}: "
                        f"{reason} (see {log_path})")
     self.failed_evaluations.append((job, evaluation))
-    self._say(f"{what}: {job.label} FAILED: {reason} (log: {log_path})")
+    self.say(f"{what}: {job.label} FAILED: {reason} (log: {log_path})")
 
   def _wait(self, job: Job, index: int, todo: list[Job]) -> int:
     """Waits for the job's process, refreshing the progress line on a terminal."""
@@ -302,7 +302,7 @@ class Runner:
     remaining = sum(max(job.num_steps - _safe_last_step(job), 0) for job in todo[index - 1:])
     return f"about {_minutes(seconds / steps * remaining)} left"
 
-  def _say(self, text: str) -> None:
+  def say(self, text: str) -> None:
     prefix = "\r\x1b[K" if hasattr(self.stream, "isatty") and self.stream.isatty() else ""
     self.stream.write(f"{prefix}study: {text}\n")
     self.stream.flush()
