@@ -95,9 +95,8 @@ def main(argv=None) -> int:
       return 0
     directory.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(directory):
-      runner_ = runner.Runner(jobs, retry_failed=args.retry_failed)
-      if not args.no_share:
-        sharing.share(jobs, pathlib.Path(args.runs_root), runner_.say)
+      runner_ = runner.Runner(jobs, retry_failed=args.retry_failed,
+                              share_root=None if args.no_share else pathlib.Path(args.runs_root))
       outcome = runner_.run()
       paths = write_report(name, study, jobs, args)
   except runner.Stop:

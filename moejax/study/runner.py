@@ -32,8 +32,7 @@ included), so it saves and ends instead of running on alone.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import json
+import pathlib
 import signal
 import subprocess
 import sys
@@ -44,81 +43,14 @@ from etils import epath
 
 from moejax import config as config_lib
 from moejax import lock as lock_lib
-from moejax import metrics as metrics_lib
-from moejax import storage
+from moejax.study import sharing
 from moejax.study.spec import Evaluation, Job, StudyError
+from moejax.study.status import RunRecord, is_finished, last_step, latest_checkpoint, status
 
-RECORD_FILE = "study_run.json"
 LOG_FILE = "train.log"
 EXIT_USAGE = 2  # moejax.main: bad input
 LOCK_WAIT_S = 600.0
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclasses.dataclass
-class RunRecord:
-  """The runner's record of one job (WORKDIR/study_run.json).
-
-  Attributes:
-    wall_seconds: wall time of all its attempts so far (an attempt cut short by a SIGKILL of the
-      study is not counted).
-    attempts: how many times it was started.
-    failed: why its last attempt failed (None: it did not).
-  """
-
-  wall_seconds: float = 0.0
-  attempts: int = 0
-  failed: str | None = None
-
-  @classmethod
-  def read(cls, workdir: epath.Path) -> RunRecord:
-    path = epath.Path(workdir) / RECORD_FILE
-    if not path.exists():
-      return cls()
-    values = json.loads(path.read_text())
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-
-  def write(self, workdir: epath.Path) -> None:
-    storage.replace_text(epath.Path(workdir) / RECORD_FILE,
-                             json.dumps(dataclasses.asdict(self), indent=1) + "\n")
-
-
-# ----------------------------------------------------------------------------- status
-
-
-def last_step(workdir) -> int:
-  """The last step metrics.jsonl records (0 without any)."""
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return 0
-  records = metrics_lib.read_jsonl(path)
-  return records[-1]["step"] if records else 0
-
-
-def latest_checkpoint(workdir) -> int:
-  """The newest checkpoint's step in WORKDIR/checkpoints (0 without any): where a run resumes."""
-  directory = epath.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    return 0
-  return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=0)
-
-
-def is_finished(job: Job) -> bool:
-  """Whether metrics.jsonl records the job's last step together with its final evaluation."""
-  path = job.workdir / "metrics.jsonl"
-  if not path.exists():
-    return False
-  return any(r["step"] == job.num_steps and "eval/loss" in r
-             for r in metrics_lib.read_jsonl(path))
-
-
-def status(job: Job) -> str:
-  """"finished", "failed", "resume" or "new" (see the module docstring)."""
-  if is_finished(job):
-    return "finished"
-  if RunRecord.read(job.workdir).failed is not None:
-    return "failed"
-  return "resume" if latest_checkpoint(job.workdir) else "new"
 
 
 def check_saved_config(job: Job) -> None:
@@ -174,9 +106,11 @@ class Stop(Exception):
 class Runner:
   """Runs jobs in order with a progress line; see the module docstring."""
 
-  def __init__(self, jobs: Sequence[Job], *, retry_failed: bool = False, stream=None):
+  def __init__(self, jobs: Sequence[Job], *, retry_failed: bool = False, stream=None,
+               share_root: pathlib.Path | None = None):
     self.jobs = list(jobs)
     self.retry_failed = retry_failed
+    self.share_root = share_root
     self.stream = stream or sys.stdout
     self._child: subprocess.Popen | None = None
     self._stop_signal: int | None = None
@@ -197,6 +131,8 @@ class Runner:
     """
     for job in self.jobs:
       check_saved_config(job)
+    for job in self.jobs:
+      self._share(job)
     todo = [job for job in self.jobs if status(job) in ("new", "resume") or
             (self.retry_failed and status(job) == "failed")]
     done = len([job for job in self.jobs if status(job) == "finished"])
@@ -204,6 +140,8 @@ class Runner:
     previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
       for index, job in enumerate(todo, start=1):
+        if self._share(job):  # another study, running beside this one, has finished it since
+          continue
         self._run_job(job, index, todo)
         if self._stop_signal is not None:
           raise Stop()
@@ -218,6 +156,10 @@ class Runner:
         signal.signal(s, handler)
     return {"finished": [j for j in self.jobs if status(j) == "finished"],
             "failed": [j for j in self.jobs if status(j) == "failed"]}
+
+  def _share(self, job: Job) -> bool:
+    """Links a job not yet started to a finished twin under `share_root` (sharing.py)."""
+    return self.share_root is not None and sharing.share_one(job, self.share_root, self.say)
 
   def _run_job(self, job: Job, index: int, todo: list[Job]) -> None:
     job.workdir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ relative symbolic link to that run, so it is trained once and each study reads t
 metrics. Its extra evaluations are written into the shared run's workdir (named after the
 evaluation, so two studies' evaluations do not collide).
 
-Only a job whose workdir does not exist yet (or is an empty folder) is linked: a run already
-begun, finished or failed is the study's own. Links point at real workdirs, never at another
+The runner looks before the study starts and again before each job, so a study running beside
+another (each on its own core) picks up the runs the other finishes meanwhile. Only a job whose
+workdir does not exist yet (or is an empty folder) is linked: a run already begun, finished or
+failed is the study's own. Links point at real workdirs, never at another
 link. A study's report lists its shared runs. `python -m moejax.study NAME --no-share` trains
 every run of the study itself.
 """
@@ -21,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from moejax import config as config_lib
-from moejax.study import runner
+from moejax.study import status
 from moejax.study.spec import Job
 
 
@@ -46,7 +48,7 @@ def find_twin(job: Job, runs_root: pathlib.Path) -> pathlib.Path | None:
       same = not config_lib.saved_changes(path, job.experiment)
     except (OSError, ValueError):  # an unreadable config.json is no twin
       continue
-    if same and runner.is_finished(dataclasses.replace(job, workdir=path)):
+    if same and status.is_finished(dataclasses.replace(job, workdir=path)):
       return path
   return None
 
@@ -67,19 +69,16 @@ def link(job: Job, twin: pathlib.Path) -> None:
                      target_is_directory=True)
 
 
-def share(jobs: Sequence[Job], runs_root: pathlib.Path,
-          say: Callable[[str], None]) -> list[tuple[Job, pathlib.Path]]:
-  """Links each unstarted job that has a finished twin to it; returns (job, twin) pairs."""
-  linked = []
-  for job in jobs:
-    if not _unstarted(job.workdir):
-      continue
-    twin = find_twin(job, runs_root)
-    if twin is not None:
-      link(job, twin)
-      say(f"{job.label}: the same settings as the finished run {twin}; shared, not retrained")
-      linked.append((job, twin))
-  return linked
+def share_one(job: Job, runs_root: pathlib.Path, say: Callable[[str], None]) -> bool:
+  """Links the job to its finished twin if it has not started and has one; whether it did."""
+  if not _unstarted(job.workdir):
+    return False
+  twin = find_twin(job, runs_root)
+  if twin is None:
+    return False
+  link(job, twin)
+  say(f"{job.label}: the same settings as the finished run {twin}; shared, not retrained")
+  return True
 
 
 def shared_with(job: Job) -> str | None:
