@@ -402,6 +402,18 @@ def test_jobs_set_seed_steps_and_evaluations(tmp_path):
   args = study_main.parse_args(["d", "--steps", "9", "--seeds", "7"])
   assert study_main.study_dir(args, "d") == pathlib.Path("runs/studies/d-9steps")
   assert study_main.command_line(args, "d") == "python -m moejax.study d --steps 9 --seeds 7"
+  args = study_main.parse_args(
+      ["d", "--scale", "base", "--set", "data.name=ptb", "train.eval_batches=2"])
+  assert study_main.command_line(args, "d") == (
+      "python -m moejax.study d --scale base --set data.name=ptb train.eval_batches=2")
+  folder = study_main.study_dir(args, "d").name
+  assert folder.startswith("d-base-set") and len(folder) == len("d-base-set") + 8
+  jobs = spec.jobs(study, tmp_path, settings=("train.eval_batches=2",))
+  assert jobs[0].overrides[-2:] == ("train.eval_batches=2", "train.eval_every=2")
+  with pytest.raises(StudyError, match=r"--set: override 'eval_batches' must look like"):
+    spec.jobs(study, tmp_path, settings=("eval_batches",))
+  with pytest.raises(StudyError, match="run a: .*train.no_such_field"):
+    spec.jobs(study, tmp_path, settings=("train.no_such_field=1",))
 
 
 def test_cells_and_readings():

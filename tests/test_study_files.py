@@ -1,5 +1,6 @@
 """The repository's study files (experiments/studies/): each validates with >= 3 seeds per run,
-documents its command, and compares its runs at equal active FFN FLOPs per token."""
+documents its command, and compares its runs at equal active FFN FLOPs per token, at the size
+it runs on a CPU and grown for an accelerator (`--scale base`)."""
 
 import importlib
 import pathlib
@@ -8,7 +9,7 @@ import pytest
 
 from moejax.model import active_ffn_flops_per_token
 from moejax.routing import REGISTRY, RouterKind
-from moejax.study import spec
+from moejax.study import scale, spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STUDY_FILES = sorted(p.stem for p in (REPO / "experiments" / "studies").glob("*.py")
@@ -56,3 +57,35 @@ def test_routers_study_runs_every_registered_router():
     assert ("non-causal" in run.note) == (not (family.causal_train and family.causal_eval))
   missing = [k.value for k in RouterKind if k not in REGISTRY]
   assert all(kind in study.description for kind in missing)
+
+
+@pytest.fixture(scope="module", params=STUDY_FILES)
+def base_jobs(request, tmp_path_factory):
+  name, study = spec.load_study(request.param)
+  folder = tmp_path_factory.mktemp(name)
+  small = {job.run.name: job.experiment for job in spec.jobs(study, folder, seeds=(0,))}
+  return name, small, {job.run.name: job for job in spec.jobs(
+      study, folder, seeds=(0,), scale=scale.SCALES["base"])}
+
+
+def test_every_study_grows_to_switch_base_at_equal_active_ffn_flops(base_jobs):
+  """`--scale base`: Switch-Base's shape (12 blocks, M=768, 12 heads of 64, dense F=3072) and
+  512-token sequences for every run; each run's FFN widths 6 times its CPU-size ones (a top-2
+  run's experts stay half width), so the study's runs stay at equal active FFN FLOPs per token."""
+  name, small, scaled = base_jobs
+  flops = {run: active_ffn_flops_per_token(job.experiment.model) for run, job in scaled.items()}
+  assert len(set(flops.values())) == 1, (name, flops)
+  for run, job in scaled.items():
+    model, was = job.experiment.model, small[run].model
+    assert (model.num_layers, model.model_dim, model.num_heads, model.head_dim,
+            model.ffn_dim) == (12, 768, 12, 64, 3072), (name, run)
+    assert job.experiment.data.seq_len == 512 and job.experiment.train.num_steps == 5000
+    assert job.experiment.train.batch_size == 256 and job.experiment.data.vocab_size == 32000
+    assert job.experiment.model.dtype == was.dtype  # what a study varies stays as it set it
+    if model.moe is not None:
+      assert model.moe.ffn_dim == 6 * was.moe.ffn_dim, (name, run)
+      assert model.moe.shared_ffn_dim == 6 * was.moe.shared_ffn_dim
+      assert model.moe.group_size == 4 * was.moe.group_size
+      assert model.moe.router == was.moe.router or model.moe.router.kind is RouterKind.SOFT
+      if model.moe.router.kind is RouterKind.SOFT:  # E * p / S kept: one expert's FLOPs per token
+        assert model.moe.router.soft.slots_per_expert == 4 * was.moe.router.soft.slots_per_expert

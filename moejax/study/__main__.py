@@ -1,12 +1,14 @@
 """`python -m moejax.study NAME`: trains what a study still needs, then writes its report.
 
-    python -m moejax.study NAME [--steps N] [--seeds S ...] [--runs-root runs/studies]
-                                [--write-docs [--docs-dir docs/studies]] [--list] [--retry-failed]
-                                [--no-share]
+    python -m moejax.study NAME [--scale base] [--steps N] [--seeds S ...] [--set PATH=VALUE ...]
+                                [--runs-root runs/studies] [--write-docs [--docs-dir docs/studies]]
+                                [--list] [--retry-failed] [--no-share]
 
 NAME is a study file's stem (`experiments/studies/NAME.py`) or a path to a study file. Runs go to
-RUNS_ROOT/NAME/<run>/seed_<seed> (RUNS_ROOT/NAME-<N>steps/... with --steps, so that a shortened
-study never continues the full one's runs). The report (NAME.md, NAME.json and the PNG figures)
+RUNS_ROOT/NAME/<run>/seed_<seed> (RUNS_ROOT/NAME-<N>steps/... with --steps, NAME-base/... with
+--scale base, NAME-set<hash>/... with --set, so that a study of another size never continues the
+runs of this one). `--scale` grows every run for an accelerator, keeping what the study compares
+(moejax/study/scale.py); `--set` applies settings to every run last (a dataset, a mesh). The report (NAME.md, NAME.json and the PNG figures)
 goes to RUNS_ROOT/NAME/report, and with --write-docs to DOCS_DIR instead (the committed copy).
 The report is written once every run has finished or failed; a stopped study writes nothing.
 A run whose settings equal a run another study under RUNS_ROOT has finished is shared with it,
@@ -20,11 +22,13 @@ other settings), one line "moejax.study: ..." on stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pathlib
 import sys
 
 from moejax import lock as lock_lib
 from moejax.study import aggregate, figures, report, runner, sharing, spec
+from moejax.study import scale as scale_lib
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -37,6 +41,10 @@ def parse_args(argv):
                  help="training steps of every run (default: each experiment's)")
   p.add_argument("--seeds", type=int, nargs="+", default=None,
                  help="seeds of every run (default: the study's)")
+  p.add_argument("--scale", choices=sorted(scale_lib.SCALES), default=None,
+                 help="grow every run to this size, for accelerators (moejax/study/scale.py)")
+  p.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE", dest="settings",
+                 help="settings applied to every run last (e.g. data.name=... with --scale)")
   p.add_argument("--runs-root", default="runs/studies", help="runs go to RUNS_ROOT/NAME")
   p.add_argument("--write-docs", action="store_true",
                  help="write the report to --docs-dir (the committed copy) instead of the runs")
@@ -57,15 +65,27 @@ def command_line(args, name: str) -> str:
   given = pathlib.Path(args.study)
   target = name if (args.study == name or given == default) else args.study
   parts = ["python -m moejax.study", target]
+  if args.scale is not None:
+    parts.append(f"--scale {args.scale}")
   if args.steps is not None:
     parts.append(f"--steps {args.steps}")
   if args.seeds is not None:
     parts.append("--seeds " + " ".join(str(s) for s in args.seeds))
+  if args.settings:
+    parts.append("--set " + " ".join(args.settings))
   return " ".join(parts)
 
 
 def study_dir(args, name: str) -> pathlib.Path:
-  folder = name if args.steps is None else f"{name}-{args.steps}steps"
+  """RUNS_ROOT/NAME, with -SCALE, -<N>steps and -set<hash of --set> where given: runs of other
+  sizes or settings never continue each other."""
+  folder = name
+  if args.scale is not None:
+    folder += f"-{args.scale}"
+  if args.steps is not None:
+    folder += f"-{args.steps}steps"
+  if args.settings:
+    folder += "-set" + hashlib.sha256("\n".join(args.settings).encode()).hexdigest()[:8]
   return pathlib.Path(args.runs_root) / folder
 
 
@@ -89,7 +109,8 @@ def main(argv=None) -> int:
   try:
     name, study = spec.load_study(args.study)
     directory = study_dir(args, name)
-    jobs = spec.jobs(study, directory, steps=args.steps, seeds=args.seeds)
+    jobs = spec.jobs(study, directory, steps=args.steps, seeds=args.seeds,
+                     scale=scale_lib.SCALES.get(args.scale), settings=args.settings)
     if args.list:
       list_jobs(jobs)
       return 0

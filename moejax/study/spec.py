@@ -37,6 +37,7 @@ import ml_collections
 
 from moejax import config as config_lib
 from moejax.config import ExperimentConfig
+from moejax.study.scale import Scale
 
 STUDIES_DIR = pathlib.Path("experiments") / "studies"
 # The mean training throughput of a run, which every table shows beside the quality metrics.
@@ -281,11 +282,17 @@ def load_experiment(reference: str, where: str) -> ml_collections.ConfigDict:
 
 
 def job_overrides(study: Study, run: Run, seed: int, config: ml_collections.ConfigDict,
-                  steps: int | None) -> tuple[str, ...]:
-  """The study's and the run's overrides, then the seed, steps and evaluation cadence."""
+                  steps: int | None, scale: Scale | None = None,
+                  settings: Sequence[str] = ()) -> tuple[str, ...]:
+  """The study's and the run's overrides, then the seed, the scale's, the steps, `settings`
+  (`--set`) and the evaluation cadence."""
   overrides = [*study.overrides, *run.overrides, f"train.seed={seed}"]
+  if scale is not None:
+    probe = config_lib.apply_overrides(ml_collections.ConfigDict(config.to_dict()), overrides)
+    overrides += scale.overrides(probe)
   if steps is not None:
     overrides.append(f"train.num_steps={steps}")
+  overrides += settings
   if study.evaluations is not None:
     probe = config_lib.apply_overrides(ml_collections.ConfigDict(config.to_dict()),
                                        overrides)
@@ -295,10 +302,12 @@ def job_overrides(study: Study, run: Run, seed: int, config: ml_collections.Conf
 
 
 def jobs(study: Study, study_dir: pathlib.Path, *, steps: int | None = None,
-         seeds: Sequence[int] | None = None) -> list[Job]:
+         seeds: Sequence[int] | None = None, scale: Scale | None = None,
+         settings: Sequence[str] = ()) -> list[Job]:
   """One Job per (run, seed), in table order; every config validated before anything trains.
 
-  `steps` replaces every run's `train.num_steps`, `seeds` every run's seeds. The layout (mesh,
+  `steps` replaces every run's `train.num_steps`, `seeds` every run's seeds; `scale` (scale.py)
+  grows every run, `settings` ("path=value", `--set`) are applied to every run last. The layout (mesh,
   batch and experts) is checked here against the fewest devices the mesh allows, and against the
   real devices by each run (this process starts no JAX backend, which on an accelerator would
   take memory from the runs).
@@ -307,6 +316,8 @@ def jobs(study: Study, study_dir: pathlib.Path, *, steps: int | None = None,
     _check_seeds(tuple(seeds), "--seeds")
   if steps is not None and steps < 1:
     raise StudyError(f"--steps={steps} must be >= 1.")
+  for text in settings:
+    _check_override(text, "--set")
   out = []
   for run in study.runs:
     where = f"run {run.name}"
@@ -319,7 +330,7 @@ def jobs(study: Study, study_dir: pathlib.Path, *, steps: int | None = None,
     for seed in (tuple(seeds) if seeds is not None else study.seeds_of(run)):
       config = ml_collections.ConfigDict(base.to_dict())
       try:
-        overrides = job_overrides(study, run, seed, config, steps)
+        overrides = job_overrides(study, run, seed, config, steps, scale, settings)
         config_lib.apply_overrides(config, overrides)
         experiment = config_lib.experiment_config_from(
             config, num_devices=_fewest_devices(config), num_processes=1)
