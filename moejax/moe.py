@@ -79,7 +79,7 @@ class MoeConfig:
       results; see `expert_ffn`).
     expert_dropout: dropout rate on the experts' hidden activations in training.
     dtype: compute dtype of the experts ("float32" or "bfloat16"); None: the model's `dtype`.
-      The router is always float32.
+      The router runs in `router.dtype` (float32 by default).
     shared_ffn_dim: width of the shared experts, an always-on FFN (activation `activation`)
       whose output is added to the routed experts' for every real token (DeepSeekMoE; N_s
       shared experts of width F' are one FFN of width N_s * F'); 0: none. Expert dropout does
@@ -256,6 +256,9 @@ _FORMS = {
 def _router_logits(x_GSM, jitter_TM, router_MX, inputs: RouterInputs, router: RouterConfig):
   """Float32 router logits (G, S, X), and which tokens have finite input and logits (G, S).
 
+  The matmul runs in `router.dtype` (float32 by default; bfloat16 rounds input, weight and
+  logits to bfloat16 before the float32 routing).
+
   X = E * logits_per_expert of the router family, whose `logits` function (soft MoE's
   normalised logits) replaces x @ w where it has one. A token holding NaN or inf, in its input or
   (by overflow) in its logits, is routed as padding (`route` does the same for non-finite
@@ -266,15 +269,21 @@ def _router_logits(x_GSM, jitter_TM, router_MX, inputs: RouterInputs, router: Ro
   G, S, M = x_GSM.shape
   finite_GS = jnp.all(jnp.isfinite(x_GSM), axis=-1)
   router_in_GSM = jnp.where(finite_GS[..., None], x_GSM, jnp.zeros_like(x_GSM))
-  router_in_GSM = router_in_GSM.astype(jnp.float32)
+  dtype = _ROUTER_DTYPES[router.dtype]
+  router_in_GSM = router_in_GSM.astype(dtype)
   if jitter_TM is not None:
-    router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M)
+    router_in_GSM = router_in_GSM * jitter_TM.reshape(G, S, M).astype(dtype)
   logits_fn = router.family.logits
   if logits_fn is None:
-    logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(jnp.float32))
+    logits_GSX = jnp.einsum("GSM,MX->GSX", router_in_GSM, router_MX.astype(dtype))
   else:
-    logits_GSX = logits_fn(router_in_GSM, router_MX.astype(jnp.float32), inputs)
+    logits_GSX = logits_fn(router_in_GSM, router_MX.astype(dtype), inputs)
+  logits_GSX = logits_GSX.astype(jnp.float32)
   return logits_GSX, finite_GS & jnp.all(jnp.isfinite(logits_GSX), axis=-1)
+
+
+# `RouterConfig.dtype`: the router matmul's precision (the rest of routing is float32).
+_ROUTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ----------------------------------------------------------------------------- the module

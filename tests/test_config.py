@@ -47,6 +47,7 @@ SPECIAL = {
     "model.moe.router.kind": "gshard",
     "model.vocab_size": 600, "model.head_dim": 18, "model.moe_every": 1, "model.moe.router.k": 3,
     "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.moe.dtype": "bfloat16",
+    "model.moe.router.dtype": "bfloat16",
     "model.moe.group_size": 8, "model.moe.exchange_buffer_factor": 2.0,
     "data.seq_len": 32, "train.batch_size": 16, "mesh.data": 8,
     "data.name": "ptb", "data.data_dir": "/tmp/moejax-data", "data.text_key": "content",

@@ -256,10 +256,16 @@ class RouterConfig:
       tokens of the group (expert choice, soft MoE, Sinkhorn in training, batch-prioritised or
       choice-ordered capacity claims); with a router that is causal in training and evaluation
       it is unused, so setting it is an error.
+    dtype: the router matmul's precision: "float32" (moejax's default, Switch Transformer's
+      "selective precision") or "bfloat16", the router input, weight and logits in bfloat16, as
+      in Switch Transformer's unstable arm (Table 2). The softmax and every later step of routing
+      are float32 either way: with logits of magnitude above about 1, the bfloat16 rounding of
+      the logits (8-bit mantissa) is the larger part of a bfloat16 softmax's error.
     noisy_topk, soft, sinkhorn, hash, deepseek, balance: the family groups.
   """
 
   PATH: ClassVar[str] = "model.moe.router"
+  DTYPES: ClassVar[tuple[str, ...]] = ("float32", "bfloat16")
 
   kind: RouterKind = RouterKind.SWITCH
   num_experts: int = 8
@@ -276,6 +282,7 @@ class RouterConfig:
   load_balancing_loss_weight: float = 1e-2
   z_loss_weight: float = 1e-3
   allow_noncausal: bool = False
+  dtype: str = "float32"
   noisy_topk: NoisyTopkConfig = NoisyTopkConfig()
   soft: SoftConfig = SoftConfig()
   sinkhorn: SinkhornConfig = SinkhornConfig()
@@ -300,6 +307,8 @@ class RouterConfig:
     if not self.second_expert_threshold > 0:
       _fail(self, "second_expert_threshold", "must be > 0.")
     _check_non_negative(self, "load_balancing_loss_weight", "z_loss_weight")
+    if self.dtype not in self.DTYPES:
+      _fail(self, "dtype", f"must be one of {', '.join(map(repr, self.DTYPES))}.")
     if self.family.validate is not None:
       self.family.validate(self)
     typed_config.check_unused(self)
