@@ -1,23 +1,18 @@
-"""The study runner, `python -m moejax.study`, on tiny studies; and the repository's study files.
+"""The study runner, `python -m moejax.study`, on tiny studies.
 
 Studies run as a user runs them: `python -m moejax.study` in a subprocess, each training job in
 its own `moejax.main` process on one CPU device, with the tiny variants (M=32, L=16, 2 layers) on
-the PTB fixture (tests/fixtures/ptb, found through $MOEJAX_DATA_DIR), a shared compilation
-cache and XLA's unoptimised CPU backend (compilation dominates these runs). The module's tiny
-study (one run x two seeds of 3 steps) is run once and then checked: its report, the
-aggregation against numpy, a rerun that trains nothing, a changed setting that stops the study.
-Killing a study midway and the committed fixture report are slow tests.
+the PTB fixture (tests/study_helpers.py). The module's tiny study (one run x two seeds of 3
+steps) is run once and then checked: its report, the aggregation against numpy, a rerun that
+trains nothing, a changed setting that stops the study, another study sharing its runs, two
+jobs at once. Killing a study midway and the committed fixture report are in
+test_study_slow.py, the study files in test_study_files.py.
 """
 
 import json
-import math
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 import types
 
@@ -25,89 +20,13 @@ import numpy as np
 import pytest
 
 import study_cells
-from moejax import lock as lock_lib
 from moejax import metrics
-from moejax.data import corpora
 from moejax.study import (Evaluation, Run, Study, StudyError, __main__ as study_main, report,
                           sharing, spec)
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
+from study_helpers import (FIXTURES, REPO, env, in_repository, ptb_dir,  # noqa: F401 (fixtures)
+                           run_study, snapshot, write_study)
 
 pytestmark = pytest.mark.usefixtures("compile_once", "in_repository")
-
-
-@pytest.fixture(scope="module")
-def in_repository():
-  """Study and experiment files name their paths relative to the repository root."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.chdir(REPO)
-    yield
-
-
-@pytest.fixture(scope="module")
-def ptb_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("ptb")
-  corpora.build("ptb", data_dir, source_dir=FIXTURES / "ptb")
-  return str(data_dir)
-
-
-def _study_env(ptb_dir, cache_dir, xla_flags: str) -> dict[str, str]:
-  out = {k: v for k, v in os.environ.items() if not k.startswith("MOEJAX_")}
-  out.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, PYTHONUNBUFFERED="1",
-             MOEJAX_DATA_DIR=ptb_dir, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return out
-
-
-@pytest.fixture(scope="module")
-def env(ptb_dir, compile_once):
-  """A study process's environment: one CPU device, the PTB fixture, the shared compilation
-  cache, and XLA's CPU backend without optimisations, which halves the compilation that
-  dominates these runs (the tests check what the runner does, not the numbers it gets)."""
-  return _study_env(ptb_dir, compile_once, "--xla_backend_optimization_level=0")
-
-
-@pytest.fixture(scope="module")
-def env_as_committed(ptb_dir, tmp_path_factory):
-  """As `env`, with XLA's default optimisations, as the committed fixture report was made."""
-  return _study_env(ptb_dir, tmp_path_factory.mktemp("cache_optimized"), "")
-
-
-def write_study(path: pathlib.Path, *, seeds=(0, 1), steps=3, evaluations=3, overrides=(),
-                extra_evaluations=(), extra_metrics=()):
-  """A study file of one run, the tiny switch_small, on the PTB fixture.
-
-  `extra_evaluations`: (name, settings) pairs."""
-  settings = ("data.name=ptb", f"train.num_steps={steps}", "train.eval_batches=1", *overrides)
-  extra = ", ".join(f"Evaluation({name!r}, {tuple(s)!r})" for name, s in extra_evaluations)
-  path.write_text(textwrap.dedent(f"""\
-      from moejax.study import Evaluation, Run, Study
-
-      def get_study():
-        return Study(description="tiny", runs=(Run("switch", "experiments/switch_small.py:tiny"),),
-                     seeds={tuple(seeds)!r}, overrides={settings!r}, evaluations={evaluations},
-                     metrics=("eval/loss", "eval/perplexity", "eval/moe/*/dropped_fraction",
-                              *{tuple(extra_metrics)!r}),
-                     plots=("eval/loss",), curves=("eval/loss",),
-                     extra_evaluations=({extra}{"," if extra else ""}))
-      """))
-  return path
-
-
-def run_study(study_file, runs_root, env, *args, timeout=600) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "moejax.study", str(study_file),
-                         "--runs-root", str(runs_root), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def snapshot(folder: pathlib.Path, *, skip=()) -> dict[str, tuple[int, bytes]]:
-  """(mtime in ns, content) of every file under `folder`, except those under `skip`."""
-  out = {}
-  for path in sorted(folder.rglob("*")):
-    if path.is_file() and not any(path.is_relative_to(s) for s in skip):
-      out[str(path.relative_to(folder))] = (path.stat().st_mtime_ns, path.read_bytes())
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +199,31 @@ def test_no_share_trains_the_run_again(pair, env):
   assert not workdir.is_symlink() and (workdir / "checkpoints" / "3").is_dir()
 
 
+def test_two_jobs_at_once_each_on_its_own_core_give_the_sequential_numbers(pair, env):
+  """`--jobs 2` on the 2-core machine: the second run starts before the first ends, each pinned
+  to one core with XLA held to one thread; every logged loss is the sequential runs' to float32
+  rounding (one thread sums the matmuls in another order)."""
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.fail("--jobs 2 needs 2 cores; the development machine and CI have 2")
+  result = run_study(write_study(pair.root / "two.py"), pair.root / "runs", env, "--jobs", "2",
+                     "--no-share")
+  assert result.returncode == 0, result.stdout + result.stderr
+  lines = result.stdout.splitlines()
+  started = [i for i, line in enumerate(lines) if "to do: switch seed" in line and " on core" in line]
+  ended = [i for i, line in enumerate(lines) if "finished in" in line]
+  assert len(started) == 2 and len(ended) == 2 and started[1] < ended[0], result.stdout
+  assert {lines[i].split(" on ")[1].split(";")[0] for i in started} == {"core 0", "core 1"}
+  for seed, workdir in enumerate(pair.workdirs):
+    two = metrics.read_jsonl(pair.root / "runs" / "two" / "switch" / f"seed_{seed}" /
+                             "metrics.jsonl")
+    one = metrics.read_jsonl(workdir / "metrics.jsonl")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(two, one):
+      for key in ("train/loss", "eval/loss"):
+        if key in b:
+          np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+
+
 def test_extra_evaluations_of_finished_runs_become_metrics(pair, env, tmp_path):
   """Added to a finished study, they evaluate each run once (no training) on the trainer's
   validation batches: under the run's own capacity factor, the loss the trainer logged; under a
@@ -434,96 +378,3 @@ def test_cells_and_readings():
   assert "14.1 standard errors of the difference: larger than the seed-to-seed noise" in text
   result["runs"][0]["metrics"]["eval/loss"]["mean"] = 1.1  # 0.1 / 0.0707 = 1.4 standard errors
   assert "1.4 standard errors of the difference: within" in report.reading(result, "eval/loss")
-
-
-# ----------------------------------------------------------------------------- slow
-
-
-def _wait_for_records(path: pathlib.Path, count: int, proc, deadline_s=300.0) -> None:
-  deadline = time.monotonic() + deadline_s
-  while time.monotonic() < deadline and proc.poll() is None:
-    if path.exists() and len(metrics.read_jsonl(path)) >= count:
-      return
-    time.sleep(0.05)
-  raise AssertionError(f"{path} did not reach {count} records (study status {proc.poll()})")
-
-
-def _wait_until_free(workdir: pathlib.Path, deadline_s=120.0) -> None:
-  deadline = time.monotonic() + deadline_s
-  while time.monotonic() < deadline:
-    try:
-      with lock_lib.WorkdirLock(workdir):
-        return
-    except lock_lib.WorkdirLockedError:
-      time.sleep(0.1)
-  raise AssertionError(f"the run in {workdir} did not end after its study was killed")
-
-
-@pytest.mark.slow  # three tiny runs and a resumed one, each its own process: 1-2 minutes
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_study_killed_midway_resumes_without_rerunning_finished_runs(kill, tmp_path, env):
-  steps = 200
-  study_file = write_study(tmp_path / "trio.py", seeds=(0, 1, 2), steps=steps, evaluations=1,
-                           overrides=("train.checkpoint_every=20",))
-  command = [sys.executable, "-m", "moejax.study", str(study_file), "--runs-root",
-             str(tmp_path / "runs")]
-  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  workdirs = [tmp_path / "runs" / "trio" / "switch" / f"seed_{s}" for s in (0, 1, 2)]
-  _wait_for_records(workdirs[1] / "metrics.jsonl", 3, proc)  # run 2 of 3 is training
-  proc.send_signal(kill)
-  output, _ = proc.communicate(timeout=180)
-  if kill == signal.SIGTERM:
-    assert proc.returncode == 0 and "study: stopped" in output, output
-  else:
-    assert proc.returncode == -signal.SIGKILL
-    _wait_until_free(workdirs[1])  # the run got SIGTERM when the study died, saved and ended
-  assert "stopped by SIGTERM" in (workdirs[1] / "train.log").read_text()
-  stopped_at = metrics.read_jsonl(workdirs[1] / "metrics.jsonl")[-1]["step"]
-  assert 3 <= stopped_at < steps
-  assert (workdirs[1] / "checkpoints" / str(stopped_at)).is_dir()
-  assert not (workdirs[2] / "metrics.jsonl").exists()
-  finished = snapshot(workdirs[0])
-
-  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-  assert "study: 3 runs: 1 finished, 2 to do" in rerun.stdout
-  assert f"switch seed 1 (resuming from step {stopped_at})" in rerun.stdout
-  assert snapshot(workdirs[0]) == finished  # the finished run was not touched
-  for workdir in workdirs:
-    assert [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl")] == list(
-        range(1, steps + 1))
-  result = json.loads((tmp_path / "runs" / "trio" / "report" / "trio.json").read_text())
-  assert result["runs"][0]["finished_seeds"] == [0, 1, 2]
-  assert result["runs"][0]["metrics"]["eval/loss"]["n"] == 3
-
-
-def _close(a, b, path=""):
-  """Equal structure; numbers within rtol 1e-3, timings (tokens/s, FLOP/s, wall time) left
-  out."""
-  if isinstance(a, dict):
-    assert sorted(a) == sorted(b), path
-    for key in a:
-      if not any(word in key for word in ("tokens_per_sec", "wall_seconds", "perf/")):
-        _close(a[key], b[key], f"{path}/{key}")
-  elif isinstance(a, list):
-    assert len(a) == len(b), path
-    for i, (x, y) in enumerate(zip(a, b)):
-      _close(x, y, f"{path}[{i}]")
-  elif isinstance(a, float) and isinstance(b, float):
-    assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-9), (path, a, b)
-  else:
-    assert a == b, (path, a, b)
-
-
-@pytest.mark.slow  # the four runs of the fixture study: about a minute
-def test_the_committed_fixture_is_what_the_tiny_study_writes(tmp_path, env_as_committed):
-  result = run_study("tests/fixtures/studies/tiny.py", tmp_path / "runs", env_as_committed,
-                     "--write-docs",
-                     "--docs-dir", str(tmp_path / "docs"))
-  assert result.returncode == 0, result.stdout + result.stderr
-  fresh = json.loads((tmp_path / "docs" / "tiny.json").read_text())
-  committed = json.loads((FIXTURES / "studies" / "tiny.json").read_text())
-  _close(fresh, committed)
-  assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == sorted(
-      p.name for p in (FIXTURES / "studies").iterdir() if p.suffix != ".py")

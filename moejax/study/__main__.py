@@ -2,17 +2,21 @@
 
     python -m moejax.study NAME [--scale base] [--steps N] [--seeds S ...] [--set PATH=VALUE ...]
                                 [--runs-root runs/studies] [--write-docs [--docs-dir docs/studies]]
-                                [--list] [--retry-failed] [--no-share]
+                                [--jobs N] [--list] [--retry-failed] [--no-share]
 
 NAME is a study file's stem (`experiments/studies/NAME.py`) or a path to a study file. Runs go to
 RUNS_ROOT/NAME/<run>/seed_<seed> (RUNS_ROOT/NAME-<N>steps/... with --steps, NAME-base/... with
 --scale base, NAME-set<hash>/... with --set, so that a study of another size never continues the
 runs of this one). `--scale` grows every run for an accelerator, keeping what the study compares
-(moejax/study/scale.py); `--set` applies settings to every run last (a dataset, a mesh). The report (NAME.md, NAME.json and the PNG figures)
-goes to RUNS_ROOT/NAME/report, and with --write-docs to DOCS_DIR instead (the committed copy).
+(moejax/study/scale.py); `--set` applies settings to every run last (a dataset, a mesh). The
+report (NAME.md, NAME.json and the PNG figures) goes to RUNS_ROOT/NAME/report, and with
+--write-docs to DOCS_DIR instead (the committed copy).
 The report is written once every run has finished or failed; a stopped study writes nothing.
 A run whose settings equal a run another study under RUNS_ROOT has finished is shared with it,
 not trained again (moejax/study/sharing.py; --no-share turns that off).
+
+`--jobs N` trains N runs at once, each on its own share of the machine: its GPU(s), else its CPU
+core(s), pinned (moejax/study/slots.py); N = 1 gives each run the whole machine.
 
 Exit status: 0 done, or stopped by SIGTERM / Ctrl-C (rerun the same command to resume); 1 some
 runs failed (the report lists them); 2 bad input (the study file, a setting, a workdir made with
@@ -29,6 +33,7 @@ import sys
 from moejax import lock as lock_lib
 from moejax.study import aggregate, figures, report, runner, sharing, spec
 from moejax.study import scale as scale_lib
+from moejax.study import slots as slots_lib
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -53,6 +58,9 @@ def parse_args(argv):
                  help="print every run, seed and its state; train nothing")
   p.add_argument("--retry-failed", action="store_true",
                  help="train again the runs whose last attempt failed")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="train this many runs at once, each on its own GPU(s) or CPU core(s) "
+                      "(moejax/study/slots.py)")
   p.add_argument("--no-share", action="store_true",
                  help="train every run here, even one another study under RUNS_ROOT has "
                       "finished with the same settings (moejax/study/sharing.py)")
@@ -109,6 +117,10 @@ def main(argv=None) -> int:
   try:
     name, study = spec.load_study(args.study)
     directory = study_dir(args, name)
+    try:
+      job_slots = slots_lib.slots(args.jobs)
+    except ValueError as error:
+      raise spec.StudyError(str(error)) from None
     jobs = spec.jobs(study, directory, steps=args.steps, seeds=args.seeds,
                      scale=scale_lib.SCALES.get(args.scale), settings=args.settings)
     if args.list:
@@ -117,7 +129,8 @@ def main(argv=None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(directory):
       runner_ = runner.Runner(jobs, retry_failed=args.retry_failed,
-                              share_root=None if args.no_share else pathlib.Path(args.runs_root))
+                              share_root=None if args.no_share else pathlib.Path(args.runs_root),
+                              slots=job_slots)
       outcome = runner_.run()
       paths = write_report(name, study, jobs, args)
   except runner.Stop:

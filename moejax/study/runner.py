@@ -1,4 +1,5 @@
-"""Runs a study's jobs one after another, each in its own `python -m moejax.main` process.
+"""Runs a study's jobs, each in its own `python -m moejax.main` process: one after another, or
+several at once, each on its own slot of the machine (`--jobs`, slots.py).
 
 What a job's workdir says decides what happens to it:
 
@@ -13,8 +14,8 @@ A workdir whose saved config.json differs from the job's config in a field a res
 keep (`moejax.config.check_resume`) stops the study before anything trains: the study file
 changed since the run was made, and the old results must not pass for the new setting.
 
-Each job runs in a subprocess of its own (one at a time: one heavy job per machine), so a crash
-of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner prints one
+Each job runs in a subprocess of its own (by default one at a time, with the whole machine), so
+a crash of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner prints one
 progress line: which run of how many is going, and the time left, estimated from the finished
 runs' wall times (seconds per step) and the steps still to train. The runner's own record of a
 job (attempts, wall time, failure) is WORKDIR/study_run.json. Once every job has trained, the
@@ -22,8 +23,9 @@ study's extra evaluations (`Evaluation`) of each finished job that lacks its
 WORKDIR/eval_<name>.json run the same way, each a `python -m moejax.evaluate` process whose output
 also goes to the job's train.log.
 
-Stopping: SIGTERM or SIGINT (Ctrl-C) to the study is forwarded to the running job as SIGTERM,
-which saves a checkpoint and exits; the study then stops, and the same command resumes it. A job
+Stopping: SIGTERM or SIGINT (Ctrl-C) to the study is forwarded to every running job as SIGTERM,
+which saves a checkpoint and exits; the study then stops, and the same command resumes it. A
+job that reports bad input stops the others the same way before the study says so. A job
 runs in its own process group (a Ctrl-C at the terminal reaches only the study, which forwards
 it), and on Linux it gets SIGTERM when the study process dies however it dies (SIGKILL
 included), so it saves and ends instead of running on alone.
@@ -32,6 +34,8 @@ included), so it saves and ends instead of running on alone.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import os
 import pathlib
 import signal
 import subprocess
@@ -44,6 +48,7 @@ from etils import epath
 from moejax import config as config_lib
 from moejax import lock as lock_lib
 from moejax.study import sharing
+from moejax.study import slots as slots_lib
 from moejax.study.spec import Evaluation, Job, StudyError
 from moejax.study.status import RunRecord, is_finished, last_step, latest_checkpoint, status
 
@@ -78,12 +83,20 @@ def _die_with_parent() -> None:
     return
 
 
-def _start(argv: Sequence[str], log) -> subprocess.Popen:
-  """`python ARGV` in its own process group, its command line and output appended to `log`."""
+def _start(argv: Sequence[str], log, slot: slots_lib.Slot) -> subprocess.Popen:
+  """`python ARGV` in its own process group on `slot`, its command line and output appended to
+  `log`."""
   log.write(f"$ {' '.join([sys.executable, *argv])}\n")
   log.flush()
+
+  def before_exec():
+    _die_with_parent()
+    if slot.cpus is not None:
+      os.sched_setaffinity(0, slot.cpus)
+
   return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent)
+                          stdin=subprocess.DEVNULL, process_group=0, preexec_fn=before_exec,
+                          env={**os.environ, **slot.env})
 
 
 def _reason(log_path: epath.Path, returncode: int) -> str:
@@ -103,16 +116,31 @@ class Stop(Exception):
   """The study was asked to stop (SIGTERM, SIGINT); the running job has saved and ended."""
 
 
+@dataclasses.dataclass
+class _Running:
+  """A job's process and what finishing it needs."""
+
+  job: Job
+  index: int
+  slot: slots_lib.Slot
+  process: subprocess.Popen
+  log: object
+  record: RunRecord
+  start: float
+
+
 class Runner:
-  """Runs jobs in order with a progress line; see the module docstring."""
+  """Runs jobs in order, `len(slots)` at a time, with a progress line; see the module docstring."""
 
   def __init__(self, jobs: Sequence[Job], *, retry_failed: bool = False, stream=None,
-               share_root: pathlib.Path | None = None):
+               share_root: pathlib.Path | None = None,
+               slots: Sequence[slots_lib.Slot] = (slots_lib.Slot(),)):
     self.jobs = list(jobs)
     self.retry_failed = retry_failed
     self.share_root = share_root
+    self.slots = list(slots)
     self.stream = stream or sys.stdout
-    self._child: subprocess.Popen | None = None
+    self._children: list[subprocess.Popen] = []
     self._stop_signal: int | None = None
     self.failed_evaluations: list[tuple[Job, Evaluation]] = []
 
@@ -121,8 +149,9 @@ class Runner:
   def _on_signal(self, signum, frame) -> None:
     del frame
     self._stop_signal = signum
-    if self._child is not None and self._child.poll() is None:
-      self._child.send_signal(signal.SIGTERM)
+    for child in self._children:
+      if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
 
   def run(self) -> dict[str, list[Job]]:
     """Trains every job not yet finished. Returns {"finished", "failed"} job lists.
@@ -139,12 +168,9 @@ class Runner:
     self.say(f"{len(self.jobs)} runs: {done} finished, {len(todo)} to do")
     previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-      for index, job in enumerate(todo, start=1):
-        if self._share(job):  # another study, running beside this one, has finished it since
-          continue
-        self._run_job(job, index, todo)
-        if self._stop_signal is not None:
-          raise Stop()
+      self._train(todo)
+      if self._stop_signal is not None:
+        raise Stop()
       evaluations = [(job, e) for job in self.jobs if status(job) == "finished"
                      for e in job.extra_evaluations if not (job.workdir / e.file_name).exists()]
       for index, (job, evaluation) in enumerate(evaluations, start=1):
@@ -161,7 +187,35 @@ class Runner:
     """Links a job not yet started to a finished twin under `share_root` (sharing.py)."""
     return self.share_root is not None and sharing.share_one(job, self.share_root, self.say)
 
-  def _run_job(self, job: Job, index: int, todo: list[Job]) -> None:
+  def _train(self, todo: list[Job]) -> None:
+    """Runs the jobs of `todo` in order, one per free slot, until all ended or a signal came.
+
+    A job that reports bad input stops the others (each saves) before its StudyError is raised.
+    """
+    pending = list(enumerate(todo, start=1))
+    free = list(self.slots)
+    running: list[_Running] = []
+    error: StudyError | None = None
+    while pending or running:
+      while pending and free and self._stop_signal is None and error is None:
+        index, job = pending.pop(0)
+        if not self._share(job):  # another study, beside this one, may have finished it since
+          running.append(self._start_job(job, index, todo, free.pop(0)))
+      if not running:
+        break
+      for ended in self._wait(running, todo):
+        running.remove(ended)
+        free.append(ended.slot)
+        try:
+          self._finish_job(ended, todo)
+        except StudyError as raised:  # the others save and end; then it is raised
+          error = error or raised
+          for other in running:
+            other.process.send_signal(signal.SIGTERM)
+      if error is not None and not running:
+        raise error
+
+  def _start_job(self, job: Job, index: int, todo: list[Job], slot: slots_lib.Slot) -> _Running:
     job.workdir.mkdir(parents=True, exist_ok=True)
     _wait_for_lock(job, self.say)
     record = RunRecord.read(job.workdir)
@@ -169,17 +223,22 @@ class Runner:
     record.failed = None
     saved = latest_checkpoint(job.workdir)
     what = f"resuming from step {saved}" if saved else "new"
-    self.say(f"run {index}/{len(todo)} to do: {job.label} ({what}); "
-              f"{self._time_left(todo, index)}")
+    where = f" on {slot.name}" if slot.name else ""
+    self.say(f"run {index}/{len(todo)} to do: {job.label} ({what}){where}; "
+             f"{self._time_left(todo, index)}")
+    log = (job.workdir / LOG_FILE).open("a")
+    process = _start(job.argv, log, slot)
+    self._children.append(process)
+    if self._stop_signal is not None:  # a signal between the last job and this one
+      process.send_signal(signal.SIGTERM)
+    return _Running(job, index, slot, process, log, record, time.monotonic())
+
+  def _finish_job(self, ended: _Running, todo: list[Job]) -> None:
+    job, record, returncode = ended.job, ended.record, ended.process.returncode
+    ended.log.close()
+    self._children.remove(ended.process)
     log_path = job.workdir / LOG_FILE
-    start = time.monotonic()
-    with log_path.open("a") as log:
-      self._child = _start(job.argv, log)
-      if self._stop_signal is not None:  # a signal between the last job and this one
-        self._child.send_signal(signal.SIGTERM)
-      returncode = self._wait(job, index, todo)
-      self._child = None
-    record.wall_seconds += time.monotonic() - start
+    record.wall_seconds += time.monotonic() - ended.start
     finished = is_finished(job)
     if not finished and (self._stop_signal is not None or returncode == 0):
       # Stopped: by the study's signal, or by a SIGTERM sent to the run itself (it saved).
@@ -192,20 +251,21 @@ class Runner:
       record.failed = _reason(log_path, returncode)
     record.write(job.workdir)
     if finished:
-      self.say(f"run {index}/{len(todo)} to do: {job.label} finished in "
-                f"{_minutes(record.wall_seconds)}")
+      self.say(f"run {ended.index}/{len(todo)} to do: {job.label} finished in "
+               f"{_minutes(record.wall_seconds)}")
     elif record.failed is not None:
-      self.say(f"run {index}/{len(todo)} to do: {job.label} FAILED: {record.failed} "
-                f"(log: {log_path})")
+      self.say(f"run {ended.index}/{len(todo)} to do: {job.label} FAILED: {record.failed} "
+               f"(log: {log_path})")
 
   def _evaluate(self, job: Job, evaluation: Evaluation, what: str) -> None:
     """Runs one extra evaluation of a finished job (its output goes to the job's log)."""
     self.say(f"{what}: {job.label} under {' '.join(evaluation.settings)}")
     log_path = job.workdir / LOG_FILE
     with log_path.open("a") as log:
-      self._child = _start(job.evaluation_argv(evaluation), log)
-      returncode = self._child.wait()
-      self._child = None
+      child = _start(job.evaluation_argv(evaluation), log, slots_lib.Slot())
+      self._children.append(child)
+      returncode = child.wait()
+      self._children.remove(child)
     if returncode == 0 or self._stop_signal is not None:
       return
     reason = _reason(log_path, returncode)
@@ -215,20 +275,27 @@ class Runner:
     self.failed_evaluations.append((job, evaluation))
     self.say(f"{what}: {job.label} FAILED: {reason} (log: {log_path})")
 
-  def _wait(self, job: Job, index: int, todo: list[Job]) -> int:
-    """Waits for the job's process, refreshing the progress line on a terminal."""
+  def _wait(self, running: list[_Running], todo: list[Job]) -> list[_Running]:
+    """Waits until a running job's process ends (returns those that did), refreshing the
+    progress line on a terminal."""
     interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
     shown = time.monotonic()
     while True:
-      try:
-        return self._child.wait(timeout=1.0)
-      except subprocess.TimeoutExpired:
-        pass
+      ended = [r for r in running if r.process.poll() is not None]
+      if ended:
+        return ended
+      time.sleep(0.2 if len(running) > 1 else 0.0)
+      if len(running) == 1:
+        try:
+          running[0].process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+          pass
       if interactive and time.monotonic() - shown >= 5.0:
         shown = time.monotonic()
-        step = _safe_last_step(job)
-        self.stream.write(f"\r{job.label}: step {step}/{job.num_steps}; "
-                          f"{self._time_left(todo, index)}\x1b[K")
+        steps = "; ".join(f"{r.job.label}: step {_safe_last_step(r.job)}/{r.job.num_steps}"
+                          for r in running)
+        first = min(r.index for r in running)
+        self.stream.write(f"\r{steps}; {self._time_left(todo, first)}\x1b[K")
         self.stream.flush()
 
   def _time_left(self, todo: list[Job], index: int) -> str:
@@ -242,7 +309,7 @@ class Runner:
     if not steps:
       return "time left: known once a run has finished"
     remaining = sum(max(job.num_steps - _safe_last_step(job), 0) for job in todo[index - 1:])
-    return f"about {_minutes(seconds / steps * remaining)} left"
+    return f"about {_minutes(seconds / steps * remaining / len(self.slots))} left"
 
   def say(self, text: str) -> None:
     prefix = "\r\x1b[K" if hasattr(self.stream, "isatty") and self.stream.isatty() else ""
