@@ -41,11 +41,12 @@ bench-train: $(STAMP)
 
 # `make study STUDY=NAME` runs experiments/studies/NAME.py: trains the runs not yet finished (under
 # runs/studies/NAME; an interrupted one resumes), then writes its table, JSON and figures there.
-# STEPS=n and SEEDS="0 1" change every run; WRITE_DOCS=1 rewrites docs/studies/NAME.* instead.
+# STEPS=n and SEEDS="0 1" change every run; JOBS=n trains n runs at once (each on its own cores
+# or GPUs); WRITE_DOCS=1 rewrites docs/studies/NAME.* instead.
 STUDY ?= compare
 study: $(STAMP)
 	$(PY) -m moejax.study $(STUDY) $(if $(STEPS),--steps $(STEPS)) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(WRITE_DOCS),--write-docs)
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(WRITE_DOCS),--write-docs)
 
 # dense_small, switch_small and gshard_small, three seeds each.
 compare: STUDY = compare
