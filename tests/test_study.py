@@ -190,13 +190,16 @@ def test_only_a_finished_run_with_every_setting_equal_is_a_twin(pair, tmp_path):
   assert sharing.find_twin(job, tmp_path / "runs") is None
 
 
-def test_no_share_trains_the_run_again(pair, env):
-  result = run_study(write_study(pair.root / "own.py", seeds=(0,)), pair.root / "runs", env,
+def test_no_share_trains_the_run_again_with_the_runs_compilation_cache(pair, env):
+  """Without $JAX_COMPILATION_CACHE_DIR, the study's runs compile into RUNS_ROOT/.jax_cache."""
+  own_env = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  result = run_study(write_study(pair.root / "own.py", seeds=(0,)), pair.root / "runs", own_env,
                      "--no-share")
   assert result.returncode == 0, result.stdout + result.stderr
   assert "study: 1 runs: 0 finished, 1 to do" in result.stdout
   workdir = pair.root / "runs" / "own" / "switch" / "seed_0"
   assert not workdir.is_symlink() and (workdir / "checkpoints" / "3").is_dir()
+  assert any((pair.root / "runs" / ".jax_cache").iterdir())
 
 
 def test_two_jobs_at_once_each_on_its_own_core_give_the_sequential_numbers(pair, env):

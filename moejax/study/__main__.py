@@ -15,6 +15,10 @@ The report is written once every run has finished or failed; a stopped study wri
 A run whose settings equal a run another study under RUNS_ROOT has finished is shared with it,
 not trained again (moejax/study/sharing.py; --no-share turns that off).
 
+The runs share JAX's persistent compilation cache, RUNS_ROOT/.jax_cache (unless
+$JAX_COMPILATION_CACHE_DIR names another): every seed of a run, and a resumed run, loads the
+programs its first seed compiled.
+
 `--jobs N` trains N runs at once, each on its own share of the machine: its GPU(s), else its CPU
 core(s), pinned (moejax/study/slots.py); N = 1 gives each run the whole machine.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pathlib
 import sys
 
@@ -36,6 +41,7 @@ from moejax.study import scale as scale_lib
 from moejax.study import slots as slots_lib
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+CACHE_VARIABLE, CACHE_DIR = "JAX_COMPILATION_CACHE_DIR", ".jax_cache"
 
 
 def parse_args(argv):
@@ -123,6 +129,8 @@ def main(argv=None) -> int:
       raise spec.StudyError(str(error)) from None
     jobs = spec.jobs(study, directory, steps=args.steps, seeds=args.seeds,
                      scale=scale_lib.SCALES.get(args.scale), settings=args.settings)
+    # The runs share compiled programs: every seed of a run compiles the same ones.
+    os.environ.setdefault(CACHE_VARIABLE, str(pathlib.Path(args.runs_root).resolve() / CACHE_DIR))
     if args.list:
       list_jobs(jobs)
       return 0
