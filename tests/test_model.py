@@ -162,11 +162,14 @@ def test_active_ffn_flops_equal_for_dense_switch_and_gshard():
 # ----------------------------------------------------------------------------- behaviour
 
 
-@pytest.mark.parametrize("moe_every", [0, 2])
-def test_causal_changing_token_t_leaves_earlier_logits(moe_every):
-  # Tight capacity (C = 2 of 16 tokens per expert): top-1 in position order stays causal.
-  moe = MoeConfig(router=RouterConfig(kind="switch", num_experts=4, capacity_factor_eval=0.5,
-                                      min_capacity=1), ffn_dim=32, group_size=L)
+@pytest.mark.parametrize("moe_every,kind", [(0, None), (2, "switch"), (2, "hash")],
+                         ids=["dense", "switch", "hash"])
+def test_causal_changing_token_t_leaves_earlier_logits(moe_every, kind):
+  # Tight capacity (C = 2 of 16 tokens per expert): top-1 in position order stays causal. Hash
+  # routing reads the token ids the model is given (its inputs), never the targets.
+  moe = MoeConfig(router=RouterConfig(kind=kind or "switch", num_experts=4,
+                                      capacity_factor_eval=0.5, min_capacity=1),
+                  ffn_dim=32, group_size=L)
   # The dense case also exercises the untied output projection.
   config = tiny_config(moe_every=moe_every, moe=moe if moe_every else None,
                        tie_embeddings=bool(moe_every))
