@@ -10,9 +10,9 @@ PYTHONPATH, so it imports this checkout's moejax. The kernel is a separate proce
 see conftest's 8 simulated devices: it gets JAX_PLATFORMS=cpu and XLA_FLAGS without the device
 count, i.e. one CPU device, as when a notebook is opened on its own. Any cell error fails the test.
 
-The reproduction notebook reads the committed study results (docs/studies); it is also executed on
-the fixture report tests/fixtures/studies/tiny.json (made by running that tiny study), and what it
-prints is checked against that JSON.
+The reproduction notebook reads the committed study results (docs/studies); it is executed on them
+and on the fixture report tests/fixtures/studies/tiny.json (made by running that tiny study), and
+what it prints is checked against the JSON files.
 """
 
 import ast
@@ -444,25 +444,43 @@ def test_causality_of_every_router():
   assert printed == expected
 
 
-def test_reproduction_notebook_prints_and_draws_the_study_numbers():
-  studies = REPO / "tests" / "fixtures" / "studies"
+STUDY_DIRS = [REPO / "tests" / "fixtures" / "studies", REPO / "docs" / "studies"]
+
+
+@pytest.mark.parametrize("studies", STUDY_DIRS, ids=["fixture", "committed"])
+def test_reproduction_notebook_prints_and_draws_the_study_numbers(studies):
+  """Every study's table line and figure reading, against its JSON: on the fixture report and on
+  the committed studies (docs/studies), whichever are there."""
   nb = _execute(REPO / "notebooks" / "reproduction.ipynb", MOEJAX_STUDIES_DIR=str(studies))
   text = _stdout(nb)
-  result = json.loads((studies / "tiny.json").read_text())
-  assert "1 studies in tests/fixtures/studies: tiny" in text
-  lines = text.splitlines()
-  for run in result["runs"]:
-    line = next(line for line in lines if line.startswith(f"{run['name']}: "))
-    cells = line[len(run["name"]) + 2:].split("; ")
-    assert [c.split(" ", 1)[0] for c in cells] == result["table_metrics"]
-    for cell in cells:
-      metric, value = cell.split(" ", 1)
-      study_cells.assert_cell_matches(value, run["metrics"].get(metric), f"{run['name']} {metric}")
+  results = [json.loads(path.read_text()) for path in sorted(studies.glob("*.json"))]
+  if studies == STUDY_DIRS[0]:
+    assert [r["study"] for r in results] == ["tiny"]
+  names = [r["study"] for r in results]
+  assert f"{len(results)} studies in {studies.relative_to(REPO)}: {', '.join(names)}" in text
+  sections = re.split(r"^== (\S+)  \(.*\)$", text, flags=re.M)
+  tables = dict(zip(sections[1::2], sections[2::2]))
+  assert sorted(tables) == sorted(names)
   images = [out for cell in nb.cells for out in cell.get("outputs", [])
             if "image/png" in out.get("data", {})]
-  assert len(images) == len(result["plots"]) + len(result["curves"])
-  readings = [line for line in lines if line.startswith("[tiny] ")]
-  assert [r.split(" ", 2)[1].rstrip(":") for r in readings] == [*result["plots"],
-                                                                 *result["curves"]]
-  loss = {run["name"]: run["metrics"]["eval/loss"]["mean"] for run in result["runs"]}
-  assert readings[0].startswith(f"[tiny] eval/loss: lowest for {min(loss, key=loss.get)}, ")
+  assert len(images) == sum(len(r["plots"]) + len(r["curves"]) for r in results)
+  lines = text.splitlines()
+  for result in results:
+    table = tables[result["study"]].splitlines()
+    for run in result["runs"]:
+      line = next(line for line in table if line.startswith(f"{run['name']}: "))
+      cells = line[len(run["name"]) + 2:].split("; ")
+      assert [c.split(" ", 1)[0] for c in cells] == result["table_metrics"]
+      for cell in cells:
+        metric, value = cell.split(" ", 1)
+        study_cells.assert_cell_matches(value, run["metrics"].get(metric),
+                                        f"{result['study']} {run['name']} {metric}")
+    tag = f"[{result['study']}] "
+    readings = [line for line in lines if line.startswith(tag)]
+    assert [r[len(tag):].split(" ", 1)[0].rstrip(":") for r in readings] == [
+        *result["plots"], *result["curves"]]
+    loss = {run["name"]: run["metrics"]["eval/loss"]["mean"] for run in result["runs"]
+            if run["metrics"].get("eval/loss", {}).get("mean") is not None}
+    if "eval/loss" in result["plots"]:
+      reading = readings[result["plots"].index("eval/loss")]
+      assert reading.startswith(f"{tag}eval/loss: lowest for {min(loss, key=loss.get)}, ")
