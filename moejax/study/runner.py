@@ -91,7 +91,7 @@ def _start(argv: Sequence[str], log, slot: slots_lib.Slot) -> subprocess.Popen:
 
   def before_exec():
     _die_with_parent()
-    if slot.cpus is not None:
+    if slot.cpus is not None and hasattr(os, "sched_setaffinity"):
       os.sched_setaffinity(0, slot.cpus)
 
   return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,

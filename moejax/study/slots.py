@@ -4,8 +4,8 @@ Each of the N slots runs one job at a time, on its own share of the machine:
 
 * GPUs (CUDA_VISIBLE_DEVICES when set, else the /dev/nvidiaN devices): slot i sees the GPUs
   i, i + N, i + 2N, ... through CUDA_VISIBLE_DEVICES; N may not exceed the number of GPUs.
-* CPUs otherwise: slot i is pinned (sched_setaffinity) to the cores i, i + N, ... of the cores
-  this process may use; N may not exceed their number. A slot of one core also holds XLA's CPU
+* CPUs otherwise: slot i is pinned (sched_setaffinity, where the OS has it: Linux) to the cores
+  i, i + N, ... of the cores this process may use; N may not exceed their number. A slot of one core also holds XLA's CPU
   backend to one thread (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`):
   the small models' matmuls do not keep two threads busy, and two single-core jobs train about
   1.2 times the tokens/s of one job on both cores of the 2-core development machine
@@ -50,6 +50,13 @@ def visible_gpus() -> list[str]:
   return sorted((name[len("nvidia"):] for name in found), key=int)
 
 
+def _usable_cores() -> list[int]:
+  """The cores this process may run on (all of them where the OS has no affinity call)."""
+  if hasattr(os, "sched_getaffinity"):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
 def slots(count: int) -> list[Slot]:
   """`count` slots over this machine's GPUs, else its CPU cores; ValueError naming --jobs when
   there are fewer of them than slots."""
@@ -64,7 +71,7 @@ def slots(count: int) -> list[Slot]:
                        f"({','.join(gpus)}); run at most that many jobs at once.")
     return [Slot(name=f"GPU {','.join(gpus[i::count])}",
                  env={"CUDA_VISIBLE_DEVICES": ",".join(gpus[i::count])}) for i in range(count)]
-  cores = sorted(os.sched_getaffinity(0))
+  cores = _usable_cores()
   if count > len(cores):
     raise ValueError(f"--jobs={count}: this process may use {len(cores)} CPU core(s); run at "
                      "most that many jobs at once.")
