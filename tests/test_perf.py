@@ -99,6 +99,7 @@ def test_remat_value_is_checked():
     _model(remat="some")
 
 
+@pytest.mark.usefixtures("compile_once")  # the trainer's programs, as other modules compile them
 def test_profile_steps_write_a_trace_and_metrics_hold_flops(ptb_dir, tmp_path):
   config = switch_small.get_config("tiny")
   config.data.update(name="ptb", data_dir=ptb_dir)
