@@ -241,8 +241,10 @@ class Runner:
     record.wall_seconds += time.monotonic() - ended.start
     finished = is_finished(job)
     if not finished and (self._stop_signal is not None or returncode == 0):
-      # Stopped: by the study's signal, or by a SIGTERM sent to the run itself (it saved).
-      self._stop_signal = self._stop_signal or signal.SIGTERM
+      # Stopped: by the study's signal, or by a SIGTERM sent to the run itself (it saved), which
+      # stops the study, and the other running jobs with it.
+      if self._stop_signal is None:
+        self._on_signal(signal.SIGTERM, None)
     elif not finished and returncode == EXIT_USAGE:
       record.write(job.workdir)
       raise StudyError(f"run {job.run.name}, seed {job.seed}: {_reason(log_path, returncode)} "
