@@ -185,6 +185,14 @@ def test_only_a_finished_run_with_every_setting_equal_is_a_twin(pair, tmp_path):
   _, study = spec.load_study(str(write_study(tmp_path / "probe.py", seeds=(0,))))
   job = spec.jobs(study, tmp_path / "runs" / "probe")[0]
   assert sharing.find_twin(job, tmp_path / "runs") == copy
+  # Of two twins, the first trained (the older metrics.jsonl), whatever the names.
+  older = tmp_path / "runs" / "y" / "switch" / "seed_0"
+  shutil.copytree(pair.workdirs[0], older)
+  assert sharing.find_twin(job, tmp_path / "runs") == copy  # same age: by name
+  age = (copy / "metrics.jsonl").stat().st_mtime_ns - 10**9
+  os.utime(older / "metrics.jsonl", ns=(age, age))
+  assert sharing.find_twin(job, tmp_path / "runs") == older
+  shutil.rmtree(older)
   records = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
   (copy / "metrics.jsonl").write_text("".join(records[:-1]))
   assert sharing.find_twin(job, tmp_path / "runs") is None

@@ -5,16 +5,16 @@ Several studies hold the same run: switch_small at its defaults is `compare`'s s
 `init_scale`'s scale1.0 and `balancing`'s lb0.01. Before training anything, the runner looks
 under the runs root (RUNS_ROOT/<study>/<run>/seed_<seed>) for a finished run whose saved
 config.json equals the job's validated config in every field (`moejax.config.saved_changes`:
-seed, steps, evaluation settings included); a job that has not started yet then becomes a
-relative symbolic link to that run, so it is trained once and each study reads the same
-metrics. Its extra evaluations are written into the shared run's workdir (named after the
+seed, steps, evaluation settings included; of several, the first trained); a job that has not
+started yet then becomes a relative symbolic link to that run, so it is trained once and each
+study reads the same metrics. Its extra evaluations are written into the shared run's workdir (named after the
 evaluation, so two studies' evaluations do not collide).
 
 The runner looks before the study starts and again before each job, so a study running beside
 another (each on its own core) picks up the runs the other finishes meanwhile. Only a job whose
 workdir does not exist yet (or is an empty folder) is linked: a run already begun, finished or
-failed is the study's own. Links point at real workdirs, never at another
-link. A study's report lists its shared runs. `python -m moejax.study NAME --no-share` trains
+failed is the study's own. Links point at real workdirs, never at another link. A study's
+report lists its shared runs. `python -m moejax.study NAME --no-share` trains
 every run of the study itself.
 """
 
@@ -42,15 +42,18 @@ def _candidates(runs_root: pathlib.Path, job: Job):
 
 
 def find_twin(job: Job, runs_root: pathlib.Path) -> pathlib.Path | None:
-  """A finished run under `runs_root`, of another study, with exactly the job's settings."""
+  """A finished run under `runs_root`, of another study, with exactly the job's settings; of
+  several, the first trained (the oldest metrics.jsonl), so every study shares the same one."""
+  twins = []
   for path in _candidates(pathlib.Path(runs_root), job):
     try:
       same = not config_lib.saved_changes(path, job.experiment)
     except (OSError, ValueError):  # an unreadable config.json is no twin
       continue
     if same and status.is_finished(dataclasses.replace(job, workdir=path)):
-      return path
-  return None
+      twins.append(path)
+  return min(twins, key=lambda p: ((p / "metrics.jsonl").stat().st_mtime_ns, str(p)),
+             default=None)
 
 
 def _unstarted(workdir: pathlib.Path) -> bool:
