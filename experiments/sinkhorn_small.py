@@ -18,12 +18,11 @@ the router z-loss weight stays 0.001.
 
 Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` shards the experts.
 
-Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
-steps, validation every 125 steps): validation loss 4.193 (evaluation routes by plain top-1, with
-2.8% of tokens dropped at factor 2.0; MaxVio 0.90 at evaluation, where no balancing applies). In
-the same study: dense_small 4.231, switch_small 4.204, gshard_small 4.187 (one seed each:
-differences under about 0.02 need more seeds). Run time: 18 minutes on the 2-core machine shared
-with other work; switch_small's 500 steps take about 7 minutes on a quiet machine.
+Measured result (the routers study, `python -m moejax.study routers`, 3 seeds, 500 steps; docs/studies/routers.md):
+validation loss 4.2004 ± 0.0067, level with switch_small (4.1996 ± 0.0113); evaluation routes by
+plain top-1, which drops 3.1% of tokens at factor 2.0 (MaxVio 0.89 at evaluation, where no
+balancing applies). dense_small 4.2290 ± 0.0031. Run time: 11-18 minutes per run on the 2-core
+machine, shared with other work.
 """
 
 from experiments import base

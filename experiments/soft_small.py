@@ -19,12 +19,12 @@ by the learned scale, which a z-loss would only pull towards 0).
 
 Hardware: one CPU; on 8 devices, `--config.mesh.expert=8` shards the experts.
 
-Measured result (the routers study, `python -m moejax.study routers --seeds 0`, seed 0, 500
-steps, validation every 125 steps): validation loss 4.225, not comparable with the causal routers
-(see above); nothing is dropped by construction. In the same study: dense_small 4.231,
-switch_small 4.204, gshard_small 4.187 (one seed each). With z-loss 0.001 through switch_small's
-router settings, an earlier run reached 4.274. Run time: 16 minutes on the 2-core machine shared
-with other work (its dispatch and combine are dense matmuls: see docs/benchmarks.md).
+Measured result (the routers study, `python -m moejax.study routers`, 3 seeds, 500 steps; docs/studies/routers.md):
+validation loss 4.2234 ± 0.0015, not comparable with the causal routers (see above), 0.006 below
+dense_small (4.2290 ± 0.0031) and 0.024 behind switch_small (4.1996 ± 0.0113); nothing is dropped
+by construction. With z-loss 0.001 through switch_small's router settings, an earlier run reached
+4.274. Run time: 12-16 minutes per run on the 2-core machine (its dispatch and combine are dense
+matmuls: see docs/benchmarks.md).
 """
 
 from experiments import base

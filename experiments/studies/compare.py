@@ -9,8 +9,10 @@ tokens/s and the share of tokens dropped by capacity (in training at the last st
 and on the validation batches, factor 2.0). It replaces the script experiments/compare.py, whose
 single-seed table (500 steps, seed 0) stays in docs/compare.md.
 
-Run time on the 2-core development machine: about 5-6 minutes per run (9 runs), not yet measured
-as a study. Measured result: not yet run as a study.
+Run time: every run is shared with the routers study (trained once, 10-17 minutes per run on one
+core of the 2-core machine, two at a time). Measured result (docs/studies/compare.md): validation
+loss dense_small 4.2290 ± 0.0031, switch_small 4.1996 ± 0.0113, gshard_small 4.1877 ± 0.0090
+(3 seeds): both MoE models ahead of dense at equal FLOPs (4.3 and 7.5 standard errors).
 """
 
 from moejax.study import Run, Study
