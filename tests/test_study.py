@@ -220,7 +220,8 @@ def test_two_jobs_at_once_each_on_its_own_core_give_the_sequential_numbers(pair,
                      "--no-share")
   assert result.returncode == 0, result.stdout + result.stderr
   lines = result.stdout.splitlines()
-  started = [i for i, line in enumerate(lines) if "to do: switch seed" in line and " on core" in line]
+  started = [i for i, line in enumerate(lines)
+             if "to do: switch seed" in line and " on core" in line]
   ended = [i for i, line in enumerate(lines) if "finished in" in line]
   assert len(started) == 2 and len(ended) == 2 and started[1] < ended[0], result.stdout
   assert {lines[i].split(" on ")[1].split(";")[0] for i in started} == {"core 0", "core 1"}

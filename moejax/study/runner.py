@@ -15,11 +15,11 @@ keep (`moejax.config.check_resume`) stops the study before anything trains: the 
 changed since the run was made, and the old results must not pass for the new setting.
 
 Each job runs in a subprocess of its own (by default one at a time, with the whole machine), so
-a crash of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner prints one
-progress line: which run of how many is going, and the time left, estimated from the finished
-runs' wall times (seconds per step) and the steps still to train. The runner's own record of a
-job (attempts, wall time, failure) is WORKDIR/study_run.json. Once every job has trained, the
-study's extra evaluations (`Evaluation`) of each finished job that lacks its
+a crash of one run does not lose the others. Its output goes to WORKDIR/train.log; the runner
+prints one progress line: which run of how many is going, and the time left, estimated from the
+finished runs' wall times (seconds per step) and the steps still to train. The runner's own
+record of a job (attempts, wall time, failure) is WORKDIR/study_run.json. Once every job has
+trained, the study's extra evaluations (`Evaluation`) of each finished job that lacks its
 WORKDIR/eval_<name>.json run the same way, each a `python -m moejax.evaluate` process whose output
 also goes to the job's train.log.
 
@@ -286,12 +286,10 @@ class Runner:
       ended = [r for r in running if r.process.poll() is not None]
       if ended:
         return ended
-      time.sleep(0.2 if len(running) > 1 else 0.0)
-      if len(running) == 1:
-        try:
-          running[0].process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-          pass
+      try:  # returns as soon as the first of them ends; the others are polled above
+        running[0].process.wait(timeout=1.0)
+      except subprocess.TimeoutExpired:
+        pass
       if interactive and time.monotonic() - shown >= 5.0:
         shown = time.monotonic()
         steps = "; ".join(f"{r.job.label}: step {_safe_last_step(r.job)}/{r.job.num_steps}"

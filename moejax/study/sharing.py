@@ -7,8 +7,8 @@ under the runs root (RUNS_ROOT/<study>/<run>/seed_<seed>) for a finished run who
 config.json equals the job's validated config in every field (`moejax.config.saved_changes`:
 seed, steps, evaluation settings included; of several, the first trained); a job that has not
 started yet then becomes a relative symbolic link to that run, so it is trained once and each
-study reads the same metrics. Its extra evaluations are written into the shared run's workdir (named after the
-evaluation, so two studies' evaluations do not collide).
+study reads the same metrics. Its extra evaluations are written into the shared run's workdir
+(named after the evaluation, so two studies' evaluations do not collide).
 
 The runner looks before the study starts and again before each job, so a study running beside
 another (each on its own core) picks up the runs the other finishes meanwhile. Only a job whose

@@ -5,11 +5,10 @@ Each of the N slots runs one job at a time, on its own share of the machine:
 * GPUs (CUDA_VISIBLE_DEVICES when set, else the /dev/nvidiaN devices): slot i sees the GPUs
   i, i + N, i + 2N, ... through CUDA_VISIBLE_DEVICES; N may not exceed the number of GPUs.
 * CPUs otherwise: slot i is pinned (sched_setaffinity, where the OS has it: Linux) to the cores
-  i, i + N, ... of the cores this process may use; N may not exceed their number. A slot of one core also holds XLA's CPU
-  backend to one thread (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`):
-  the small models' matmuls do not keep two threads busy, and two single-core jobs train about
-  1.2 times the tokens/s of one job on both cores of the 2-core development machine
-  (docs/studies/README.md).
+  i, i + N, ... of the cores this process may use; N may not exceed their number. A slot of one
+  core also holds XLA's CPU backend to one thread (SINGLE_THREAD_XLA_FLAGS): the small models'
+  matmuls do not keep two threads busy, and two single-core jobs train about 1.2 times the
+  tokens/s of one job on both cores of the 2-core development machine (docs/studies/README.md).
 
 With N = 1 (the default) the job gets the whole machine, as `python -m moejax.main` would. The
 study process itself starts no JAX backend, so it finds the devices from the environment alone.
@@ -46,7 +45,8 @@ def visible_gpus() -> list[str]:
   listed = os.environ.get("CUDA_VISIBLE_DEVICES")
   if listed is not None:
     return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
-  found = [p.name for p in pathlib.Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)]
+  found = [p.name for p in pathlib.Path("/dev").glob("nvidia*")
+           if re.fullmatch(r"nvidia\d+", p.name)]
   return sorted((name[len("nvidia"):] for name in found), key=int)
 
 

@@ -307,10 +307,10 @@ def jobs(study: Study, study_dir: pathlib.Path, *, steps: int | None = None,
   """One Job per (run, seed), in table order; every config validated before anything trains.
 
   `steps` replaces every run's `train.num_steps`, `seeds` every run's seeds; `scale` (scale.py)
-  grows every run, `settings` ("path=value", `--set`) are applied to every run last. The layout (mesh,
-  batch and experts) is checked here against the fewest devices the mesh allows, and against the
-  real devices by each run (this process starts no JAX backend, which on an accelerator would
-  take memory from the runs).
+  grows every run, `settings` ("path=value", `--set`) are applied to every run last. The layout
+  (mesh, batch and experts) is checked here against the fewest devices the mesh allows, and
+  against the real devices by each run (this process starts no JAX backend, which on an
+  accelerator would take memory from the runs).
   """
   if seeds is not None:
     _check_seeds(tuple(seeds), "--seeds")
