@@ -13,13 +13,15 @@ standard deviation over seeds that every cell reports beside the mean. Both scal
 at the learning rate times sqrt(0.1) (9.5e-4, three seeds each): AdamW moves a weight by about
 the learning rate whatever its size, so at the experiments' rate a 0.1x matrix takes steps
 sqrt(10) times larger relative to itself than a 1.0x one; at 9.5e-4 it takes the 1.0x run's.
+And both under Adafactor at 1e-2 without weight decay (three seeds each), the optimizer Switch
+was trained with, whose step is relative to each weight's size.
 
 Run time: 12-14 minutes per run on the 2-core development machine, two at a time (7 trainings
 of the first two runs: scale1.0 at seeds 0-2 is the routers study's switch). Measured result
 (five seeds): validation loss 4.8019 +- 0.0832 at scale 0.1 against 4.2033 +- 0.0104 at 1.0:
 the small initialisation trains far slower at 500 steps and spreads eight times more over
 seeds, the opposite of Switch Table 3 (docs/studies/README.md has the reading). The
-learning-rate runs: not yet finished.
+learning-rate and Adafactor runs: not yet finished.
 """
 
 from moejax.study import Run, Study
@@ -27,6 +29,8 @@ from moejax.study import Run, Study
 SWITCH = "experiments/switch_small.py"
 # 3e-3 * sqrt(0.1) = 9.49e-4: AdamW steps by about the learning rate whatever a weight's size.
 LOW_LR = "optimizer.learning_rate=0.00095"
+ADAFACTOR = ("optimizer.name=adafactor", "optimizer.learning_rate=0.01",
+             "optimizer.weight_decay=0.0")
 
 
 def get_study() -> Study:
@@ -36,7 +40,7 @@ def get_study() -> Study:
           "scale (variance s = 0.1 instead of 1.0) gives better quality and a much smaller "
           "spread over seeds. switch_small with model.init_scale 0.1 and 1.0, five seeds each; "
           "the spread is the standard deviation in each cell. Both scales again at the "
-          "learning rate times sqrt(0.1), three seeds each."),
+          "learning rate times sqrt(0.1), and under Adafactor, three seeds each."),
       runs=(Run("scale0.1", SWITCH, overrides=("model.init_scale=0.1",)),
             Run("scale1.0", SWITCH, overrides=("model.init_scale=1.0",)),
             # Both scales at the learning rate times sqrt(0.1): 0.1x's matrices then take the
@@ -44,6 +48,12 @@ def get_study() -> Study:
             Run("scale0.1_lr9.5e-4", SWITCH, overrides=("model.init_scale=0.1", LOW_LR),
                 seeds=(0, 1, 2)),
             Run("scale1.0_lr9.5e-4", SWITCH, overrides=("model.init_scale=1.0", LOW_LR),
+                seeds=(0, 1, 2)),
+            # Both scales under Adafactor, as Switch was trained: its step is relative to a
+            # weight's size (multiply_by_parameter_scale), at its usual rate of 1e-2.
+            Run("scale0.1_adafactor", SWITCH, overrides=("model.init_scale=0.1",) + ADAFACTOR,
+                seeds=(0, 1, 2)),
+            Run("scale1.0_adafactor", SWITCH, overrides=("model.init_scale=1.0",) + ADAFACTOR,
                 seeds=(0, 1, 2))),
       seeds=(0, 1, 2, 3, 4),
       metrics=("eval/loss", "eval/perplexity", "train/loss", "train/grad_norm"),
