@@ -113,12 +113,13 @@ def main(argv=None):
   print(f"\ntraining tokens/s (best of {args.repeats} rounds of {args.steps} steps; "
         f"{jax.device_count()} x {kind}; MFU against "
         f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'no known peak'}):")
+  width = max(len(name) for name in runs)
   for name in runs:
     rounds = " ".join(f"{r / 1e3:.1f}k" for r in rates[name])
     perf = flops.performance_metrics(runs[name]["flops_per_token"], best[name],
                                      jax.device_count(), peak)
     mfu = f"   MFU {100 * perf['perf/mfu']:.1f}%" if "perf/mfu" in perf else ""
-    print(f"  {name:<14} {best[name] / 1e3:8.1f}k tok/s   ratio to {base}: "
+    print(f"  {name:<{width}} {best[name] / 1e3:8.1f}k tok/s   ratio to {base}: "
           f"{best[name] / best[base]:.3f}   TFLOP/s/device {perf['perf/tflops_per_device']:.3g}"
           f"{mfu}   (rounds: {rounds})")
 
