@@ -19,6 +19,8 @@ layers), with gradients w.r.t. the parameters and the input, so no side's forwar
 Timings are taken side by side in one run (interleaved rounds, median), so the printed ratios are
 meaningful on a noisy shared machine even where absolute times are not. The first line names the
 device, the jax version and the load average; the last says what `grouped_matmul=auto` runs here.
+The `first call` column is each side's first call, compilation included (XLA's compile time
+dominates it at small shapes: the number to watch as the number of experts grows).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import os
 import pathlib
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +130,11 @@ def main(argv=None):
   dy = jax.random.normal(key_dy, x.shape).astype(args.dtype)
   x, dy = jax.device_put(x, device), jax.device_put(dy, device)
   steps = candidates(args)
+  first = {}
+  for name, step in steps.items():
+    start = time.perf_counter()
+    jax.block_until_ready(step(x, dy))
+    first[name] = time.perf_counter() - start
   t = time_side_by_side({name: (lambda s=s: s(x, dy)) for name, s in steps.items()},
                         args.repeats)
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -136,10 +144,10 @@ def main(argv=None):
         f"S={args.group_size} {args.dtype}, forward+backward (value_and_grad), "
         f"median of {args.repeats}")
   index_name = f"index (capacity {args.capacity_factor})"
-  print(f"{'layer':<30}{'seconds':>10}{'x dense':>10}{'x index':>10}")
+  print(f"{'layer':<30}{'seconds':>10}{'x dense':>10}{'x index':>10}{'first call':>12}")
   for name, seconds in t.items():
     print(f"{name:<30}{seconds:>10.4f}{seconds / t['dense']:>10.2f}"
-          f"{seconds / t[index_name]:>10.2f}")
+          f"{seconds / t[index_name]:>10.2f}{first[name]:>11.1f}s")
   auto = resolve_impl(GroupedMatmulImpl.AUTO, device.platform)
   print(f"model.moe.grouped_matmul=auto runs {auto.value!r} on {device.platform} "
         "(moejax/grouped_matmul.py AUTO_IMPL)")

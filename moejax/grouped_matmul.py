@@ -12,7 +12,8 @@ Two implementations with the same numbers up to float rounding (`GroupedMatmulIm
 
 * PORTABLE, plain XLA for every backend: each segment is covered by row tiles, one 2-D matmul per
   tile, in loops over the segment's tiles (while loops whose trip counts are computed from the
-  segment's size), issued group after group. Most rows go through tiles of 16 * `tile` rows, the
+  segment's size), inside one loop over the groups (so the program, and its compile time, do
+  not grow with the number of groups). Most rows go through tiles of 16 * `tile` rows, the
   rest through at most one tile each of 8, 4 and 2 * `tile` and two of `tile` rows, so the
   matmuls stay large while the work is that of padding every segment to a multiple of `tile`
   (at most E * (tile - 1) extra rows). Nothing padded is materialised: a segment's last tile
@@ -175,22 +176,28 @@ def _forward_loop(x_RM, w_EMN, group_sizes_E, tile: int):
   """y = x @ w[e] on segment e, tile by tile, one segment after another; zeros past the end.
 
   The output starts as zeros and each tile writes the rows of its own segment (`_write_rows`).
+  The segments are an outer loop over e (w[e] sliced in it), so the program holds one set of
+  tile loops whatever the number of groups: its compile time does not grow with E.
   """
   R = x_RM.shape[0]
   tile = min(tile, R)
   starts_E, ends_E = _segments(group_sizes_E)
   y_RN = _zeros_rows(x_RM, w_EMN[0, 0, :], jnp.result_type(x_RM.dtype, w_EMN.dtype))
-  for e in range(w_EMN.shape[0]):
-    w_MN = w_EMN[e]
-    for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
 
-      def body(i, y_RN, e=e, w_MN=w_MN, rows=rows, first=first):
-        r0, inside_t = _tile(first, i, rows, R, starts_E[e], ends_E[e])
+  def group(e, y_RN):
+    w_MN = jax.lax.dynamic_index_in_dim(w_EMN, e, keepdims=False)
+    start, end = starts_E[e], ends_E[e]
+    for rows, first, count in _pieces(start, group_sizes_E[e], tile, R):
+
+      def body(i, y_RN, rows=rows, first=first):
+        r0, inside_t = _tile(first, i, rows, R, start, end)
         x_tM = jax.lax.dynamic_slice_in_dim(x_RM, r0, rows, axis=0)
         return _write_rows(y_RN, x_tM @ w_MN, r0, inside_t)
 
       y_RN = jax.lax.fori_loop(0, count, body, y_RN)
-  return y_RN
+    return y_RN
+
+  return jax.lax.fori_loop(0, w_EMN.shape[0], group, y_RN)
 
 
 def _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile: int):
@@ -200,8 +207,9 @@ def _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile: int):
   dW[e], accumulated in float32, from x's and dy's rows masked to the segment. Of the two, the
   narrower tile is transposed into a real copy, so that the weight gradient is a row-major matmul
   (the layout trick of the index path's experts, moejax/experts.py): x^T @ dy when x is the
-  narrower, else dW[e]^T = dy^T @ x, transposed once per group at the end. One loop carries dx
-  and dW, so the tiles run strictly one after another (see the module doc).
+  narrower, else dW[e]^T = dy^T @ x, all transposed once at the end. One loop carries dx and dW,
+  so the tiles run strictly one after another (see the module doc); as in the forward, the
+  segments are an outer loop over e.
   """
   R = x_RM.shape[0]
   tile = min(tile, R)
@@ -212,15 +220,18 @@ def _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile: int):
   zero_dy = jnp.zeros_like(dy_RN[0, :], jnp.float32)
   zero_dw = (zero_x[:, None] + zero_dy[None, :] if x_narrower else
              zero_dy[:, None] + zero_x[None, :])
-  dws = []
-  for e in range(w_EMN.shape[0]):
-    w_MN = w_EMN[e]
-    carry = (dx_RM, zero_dw)
-    for rows, first, count in _pieces(starts_E[e], group_sizes_E[e], tile, R):
+  dws = jnp.zeros((w_EMN.shape[0],) + zero_dw.shape, jnp.float32) + zero_dw[None]
 
-      def body(i, carry, e=e, w_MN=w_MN, rows=rows, first=first):
+  def group(e, carry):
+    dx_RM, dws = carry
+    w_MN = jax.lax.dynamic_index_in_dim(w_EMN, e, keepdims=False)
+    start, end = starts_E[e], ends_E[e]
+    inner = (dx_RM, zero_dw)
+    for rows, first, count in _pieces(start, group_sizes_E[e], tile, R):
+
+      def body(i, carry, rows=rows, first=first):
         dx_RM, dw = carry
-        r0, inside_t = _tile(first, i, rows, R, starts_E[e], ends_E[e])
+        r0, inside_t = _tile(first, i, rows, R, start, end)
         mask = lambda a: jnp.where(inside_t[:, None], a, jnp.zeros_like(a))
         x_tM = mask(jax.lax.dynamic_slice_in_dim(x_RM, r0, rows, axis=0))
         dy_tN = mask(jax.lax.dynamic_slice_in_dim(dy_RN, r0, rows, axis=0))
@@ -232,10 +243,12 @@ def _backward_loop(x_RM, w_EMN, group_sizes_E, dy_RN, tile: int):
                                preferred_element_type=jnp.float32)
         return _write_rows(dx_RM, dy_tN @ w_MN.T, r0, inside_t), dw
 
-      carry = jax.lax.fori_loop(0, count, body, carry)
-    dx_RM, dw = carry
-    dws.append(dw if x_narrower else dw.T)
-  return dx_RM, jnp.stack(dws).astype(w_EMN.dtype)
+      inner = jax.lax.fori_loop(0, count, body, inner)
+    dx_RM, dw = inner
+    return dx_RM, jax.lax.dynamic_update_index_in_dim(dws, dw, e, axis=0)
+
+  dx_RM, dws = jax.lax.fori_loop(0, w_EMN.shape[0], group, (dx_RM, dws))
+  return dx_RM, (dws if x_narrower else jnp.swapaxes(dws, 1, 2)).astype(w_EMN.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
