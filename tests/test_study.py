@@ -139,12 +139,22 @@ def test_a_changed_setting_of_a_finished_run_stops_the_study(pair, env, tmp_path
   assert snapshot(pair.dir, skip=(pair.dir / "run.lock",)) == before
 
 
-def test_a_run_another_study_finished_is_shared_not_retrained(pair, env):
+def test_a_run_another_study_finished_is_shared_not_retrained(pair, env, capsys, monkeypatch):
   """A second study holding the pair's run (every setting equal) under the same runs root links
   its jobs to the pair's workdirs: nothing trains, its numbers are the pair's, its report says
-  where they come from; a rerun keeps the links."""
+  where they come from; a rerun keeps the links. `--list` says so beforehand."""
   other = write_study(pair.root / "other.py")
   before = snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock"))
+  monkeypatch.setenv(study_main.CACHE_VARIABLE, env[study_main.CACHE_VARIABLE])
+  for flags, note in (((), " (will share: pair/switch/seed_{})"), (("--no-share",), "")):
+    assert study_main.main([str(other), "--runs-root", str(pair.root / "runs"), "--list",
+                            *flags]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    for seed, line in enumerate(lines):
+      workdir = pair.root / "runs" / "other" / "switch" / f"seed_{seed}"
+      assert line.endswith(f" new       {workdir}{note.format(seed)}"), line
+  assert not (pair.root / "runs" / "other").exists()  # listing creates and links nothing
   for attempt in range(2):
     result = run_study(other, pair.root / "runs", env)
     assert result.returncode == 0, result.stdout + result.stderr

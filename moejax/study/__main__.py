@@ -61,7 +61,8 @@ def parse_args(argv):
                  help="write the report to --docs-dir (the committed copy) instead of the runs")
   p.add_argument("--docs-dir", default="docs/studies", help="where --write-docs writes")
   p.add_argument("--list", action="store_true",
-                 help="print every run, seed and its state; train nothing")
+                 help="print every run, seed and its state (and the finished run of another "
+                      "study it would share); train nothing")
   p.add_argument("--retry-failed", action="store_true",
                  help="train again the runs whose last attempt failed")
   p.add_argument("--jobs", type=int, default=1,
@@ -103,11 +104,17 @@ def study_dir(args, name: str) -> pathlib.Path:
   return pathlib.Path(args.runs_root) / folder
 
 
-def list_jobs(jobs) -> None:
+def list_jobs(jobs, share_root: pathlib.Path | None) -> None:
+  """One line per job: its state and workdir; where it is linked to another study's run, or
+  (`share_root` given) would be at its start, that run, relative to the runs root."""
   for job in jobs:
     where = sharing.shared_with(job)
+    note = f" (shared: {where})" if where else ""
+    if not where and share_root is not None:
+      twin = sharing.twin_of_unstarted(job, share_root)
+      note = f" (will share: {twin.relative_to(share_root)})" if twin else ""
     print(f"{job.run.name:<24} seed {job.seed:<4} {job.num_steps:>7} steps   "
-          f"{runner.status(job):<9} {job.workdir}" + (f" (shared: {where})" if where else ""))
+          f"{runner.status(job):<9} {job.workdir}{note}")
 
 
 def write_report(name: str, study: spec.Study, jobs, args) -> list[pathlib.Path]:
@@ -132,7 +139,7 @@ def main(argv=None) -> int:
     # The runs share compiled programs: every seed of a run compiles the same ones.
     os.environ.setdefault(CACHE_VARIABLE, str(pathlib.Path(args.runs_root).resolve() / CACHE_DIR))
     if args.list:
-      list_jobs(jobs)
+      list_jobs(jobs, None if args.no_share else pathlib.Path(args.runs_root))
       return 0
     directory.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(directory):

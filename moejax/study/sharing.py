@@ -72,11 +72,14 @@ def link(job: Job, twin: pathlib.Path) -> None:
                      target_is_directory=True)
 
 
+def twin_of_unstarted(job: Job, runs_root: pathlib.Path) -> pathlib.Path | None:
+  """The finished twin the job would be linked to now: None if it has started or has none."""
+  return find_twin(job, runs_root) if _unstarted(job.workdir) else None
+
+
 def share_one(job: Job, runs_root: pathlib.Path, say: Callable[[str], None]) -> bool:
   """Links the job to its finished twin if it has not started and has one; whether it did."""
-  if not _unstarted(job.workdir):
-    return False
-  twin = find_twin(job, runs_root)
+  twin = twin_of_unstarted(job, runs_root)
   if twin is None:
     return False
   link(job, twin)
