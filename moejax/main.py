@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from absl import app, flags, logging
@@ -78,41 +79,72 @@ class EarlySigterm:
   """SIGTERM handling until the training loop takes over (`checkpoint.PreemptionFlag`).
 
   A SIGTERM before the loop raises `StoppedBeforeTraining` in the main thread: nothing is
-  saved yet, so the run just ends. The loop installs its own handler (saves, then stops) and
-  restores this one when it ends; a SIGTERM after that only lets the run finish (its last
-  checkpoint may still be being written). A thread notices the loop's handler (it polls every
-  50 ms), so a loop shorter than that may go unnoticed.
+  saved yet, so the run just ends. Python runs the handler between any two bytecodes, also
+  inside a garbage-collector callback (JAX registers one) or a `__del__`, where the exception
+  is swallowed; so the handler remembers the request, the swallowed exception is kept off
+  stderr, and a watcher thread signals again until the main thread has taken the stop
+  (`acknowledge`). The loop installs its own handler (saves, then stops) and restores this one
+  when it ends; a SIGTERM after that only lets the run finish (its last checkpoint may still be
+  being written). The watcher notices the loop's handler (it polls every 50 ms), so a loop
+  shorter than that may go unnoticed.
   """
+
+  RESEND_AFTER_S = 0.5  # a raised stop not taken by then was swallowed: signal again
 
   def __init__(self):
     self.loop_started = threading.Event()
     self._handler = self._handle  # one bound method object, compared by identity
     self._previous = None
+    self._previous_unraisable = None
     self._done = threading.Event()
+    self._requested_at: float | None = None
+    self._acknowledged = False
 
   def __enter__(self) -> "EarlySigterm":
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handler)
-      threading.Thread(target=self._notice_the_loop, name="moejax-sigterm", daemon=True).start()
+      self._previous_unraisable = sys.unraisablehook
+      sys.unraisablehook = self._unraisable
+      threading.Thread(target=self._watch, name="moejax-sigterm", daemon=True).start()
     return self
 
   def __exit__(self, *exc_info) -> None:
     self._done.set()
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      sys.unraisablehook = self._previous_unraisable
 
-  def _notice_the_loop(self) -> None:
+  def acknowledge(self) -> None:
+    """The main thread caught `StoppedBeforeTraining`: no more signals, no more raising."""
+    self._acknowledged = True
+
+  def _watch(self) -> None:
     while not self._done.wait(0.05):
+      if self._acknowledged:
+        return
+      requested_at = self._requested_at
       if signal.getsignal(signal.SIGTERM) is not self._handler:
+        if requested_at is not None:  # a swallowed stop: the loop's handler saves, then stops
+          os.kill(os.getpid(), signal.SIGTERM)
         self.loop_started.set()
         return
+      if requested_at is not None and time.monotonic() - requested_at > self.RESEND_AFTER_S:
+        os.kill(os.getpid(), signal.SIGTERM)  # the raised stop was swallowed: ask again
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
+    if self._acknowledged:
+      return
     if self.loop_started.is_set():
       _say("SIGTERM after the training loop: the run ends once its last checkpoint is written.")
       return
+    self._requested_at = time.monotonic()
     raise StoppedBeforeTraining()
+
+  def _unraisable(self, unraisable) -> None:
+    if isinstance(unraisable.exc_value, StoppedBeforeTraining):
+      return  # swallowed where it was raised; the watcher signals again
+    self._previous_unraisable(unraisable)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -296,7 +328,7 @@ def main(argv):
   workdir = _WORKDIR.value
   fields = _path_fields(workdir, None)
   peers = None
-  with EarlySigterm():
+  with EarlySigterm() as early:
     try:
       peers = distributed.Peers.join(resume_advice=functools.partial(resume_advice, workdir))
       experiment = experiment_config_from(_CONFIG.value)
@@ -307,7 +339,14 @@ def main(argv):
       if peers is not None:
         peers.finish()
     except StoppedBeforeTraining:
+      early.acknowledge()
       _say(STOPPED_EARLY)
+      if peers is None:
+        # At once: nothing is saved, and tearing the interpreter down while XLA may still be
+        # compiling on its own threads can crash (seen as a segmentation fault under load).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # pylint: disable=protected-access
       _end(peers, 0, "stopped", f"was {STOPPED_EARLY}")
     except Exception as error:  # pylint: disable=broad-except
       if peers is not None:  # another process may be the cause: then the watch says which

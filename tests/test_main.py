@@ -6,6 +6,7 @@ compilation, so each takes a few seconds. `EarlySigterm` and the OS error messag
 checked in-process.
 """
 
+import gc
 import os
 import pathlib
 import signal
@@ -146,6 +147,29 @@ def test_early_sigterm_raises_until_the_loop_takes_over(capsys):
     time.sleep(0.1)
   assert "SIGTERM after the training loop" in capsys.readouterr().err
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_early_sigterm_is_not_lost_when_python_swallows_it(capsys):
+  """Python may run the handler inside a garbage-collector callback (JAX has one), where the
+  raised stop is swallowed: the stop still comes, a moment later, and stderr stays clean."""
+  def callback(phase, info):
+    del info
+    if phase == "start":
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(10_000):  # bytecodes: the handler runs here, inside the callback
+        pass
+  with main.EarlySigterm() as early:
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()  # returns: the stop raised inside the callback went nowhere
+    finally:
+      gc.callbacks.remove(callback)
+    assert early._requested_at is not None  # pylint: disable=protected-access
+    with pytest.raises(main.StoppedBeforeTraining):
+      time.sleep(5)  # the watcher signals again after RESEND_AFTER_S
+    early.acknowledge()
+    time.sleep(main.EarlySigterm.RESEND_AFTER_S + 0.2)  # acknowledged: no further signal
+  assert capsys.readouterr().err == ""
 
 
 def test_os_errors_name_the_directory_setting(tmp_path):
