@@ -7,6 +7,8 @@ document by document and concatenated with numpy, not through TFDS or grain.
 
 import collections
 import pathlib
+import shutil
+import threading
 
 import grain
 import ml_collections
@@ -157,6 +159,31 @@ def test_public_domain_builder_from_installed_packages(real_public_domain):
   genesis = _texts(config, "train")[0]
   assert genesis.startswith("In the beginning God created the heaven and the earth. And the")
   assert "[" not in genesis and "darkness was upon" in genesis
+
+
+def test_a_dataset_another_process_is_building_is_waited_for(tmp_path):
+  """Runs that start on one missing dataset at once build it one at a time (without the lock,
+  two of a study's parallel runs raced to rename TFDS's finished build: FileExistsError)."""
+  results = []
+  build = lambda: results.append(
+      corpora.build("ptb", tmp_path, source_dir=FIXTURES / "ptb").is_prepared())
+  with corpora._building(tmp_path, "ptb"):  # pylint: disable=protected-access
+    waiting = threading.Thread(target=build)
+    waiting.start()
+    waiting.join(2.0)
+    assert waiting.is_alive() and not (tmp_path / "ptb").exists()
+  waiting.join(60)
+  assert results == [True]
+  # Several at once with nothing built: one builds, the others find it built.
+  shutil.rmtree(tmp_path / "ptb")
+  results.clear()
+  threads = [threading.Thread(target=build) for _ in range(3)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  assert results == [True, True, True]
+  assert len(list(tfds.data_source("ptb", split="test", data_dir=str(tmp_path)))) == 6
 
 
 def test_ptb_builder_from_installed_package(real_ptb):

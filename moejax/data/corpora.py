@@ -17,7 +17,9 @@ from installed packages, or from `source_dir` when one is given (tests, your own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -223,13 +225,38 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
 def build(name: str, data_dir: epath.PathLike, **builder_kwargs) -> tfds.core.DatasetBuilder:
   """Builds dataset `name` of `BUILDERS` into `data_dir` (array_record) unless already there.
 
-  `builder_kwargs` go to the builder (e.g. `source_dir=` for fixture text).
+  `builder_kwargs` go to the builder (e.g. `source_dir=` for fixture text). Processes that start
+  on one missing dataset at once (a study's parallel runs) build it one at a time: the first
+  builds it, the others wait, then find it built (a lock file beside it, on local directories;
+  TFDS itself fails the second rename of a finished build).
   """
   if name not in BUILDERS:
     raise ValueError(f"name={name!r} is not a dataset moejax builds; expected one of "
                      f"{sorted(BUILDERS)}.")
   builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
-  if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  if builder.is_prepared():
+    return builder
+  with _building(data_dir, name):
+    # Again: another process may have built it while this one waited.
+    builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
+
+
+@contextlib.contextmanager
+def _building(data_dir: epath.PathLike, name: str) -> Iterator[None]:
+  """Holds `data_dir/.NAME.build.lock` exclusively (an flock: the kernel drops it however its
+  holder ends). Object stores have no locks: there, nothing is held."""
+  if "://" in str(data_dir):
+    yield
+    return
+  directory = epath.Path(data_dir)
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / f".{name}.build.lock", "a", encoding="utf-8") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
