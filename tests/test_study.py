@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import study_cells
+from moejax import lock as lock_lib
 from moejax import metrics
 from moejax.study import (Evaluation, Run, Study, StudyError, __main__ as study_main, report,
                           sharing, spec)
@@ -77,6 +78,27 @@ def test_rerun_of_a_finished_study_trains_nothing_and_writes_the_same_report(pai
   assert any("checkpoints/3/" in name for name in runs_before)
   for name, content in report_before.items():
     assert (pair.report / name).read_bytes() == content, name
+
+
+def test_report_only_reports_the_finished_seeds_and_trains_nothing(pair, env, tmp_path,
+                                                                   monkeypatch, capsys):
+  """--report-only while the study is running (its lock held): a report of the seeds finished
+  so far, the same numbers as the full report, and not a file of the runs touched."""
+  three_seeds = write_study(tmp_path / "pair.py", seeds=(0, 1, 2))  # same name: same runs
+  monkeypatch.setenv(study_main.CACHE_VARIABLE, env[study_main.CACHE_VARIABLE])
+  runs_before = snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock"))
+  docs = tmp_path / "docs"
+  with lock_lib.WorkdirLock(pair.dir):  # as the running study holds it
+    assert study_main.main([str(three_seeds), "--runs-root", str(pair.root / "runs"),
+                            "--report-only", "--write-docs", "--docs-dir", str(docs)]) == 0
+  assert f"study: wrote {docs / 'pair.md'}" in capsys.readouterr().out
+  assert snapshot(pair.dir, skip=(pair.report, pair.dir / "run.lock")) == runs_before
+  assert not (pair.dir / "switch" / "seed_2").exists()
+  partial = json.loads((docs / "pair.json").read_text())["runs"][0]
+  full = json.loads((pair.report / "pair.json").read_text())["runs"][0]
+  assert partial["seeds"] == [0, 1, 2] and partial["finished_seeds"] == [0, 1]
+  assert partial["metrics"] == full["metrics"]
+  assert "| 0, 1 of 3 |" in (docs / "pair.md").read_text()
 
 
 def test_aggregation_equals_a_numpy_recomputation(pair):

@@ -2,7 +2,7 @@
 
     python -m moejax.study NAME [--scale base] [--steps N] [--seeds S ...] [--set PATH=VALUE ...]
                                 [--runs-root runs/studies] [--write-docs [--docs-dir docs/studies]]
-                                [--jobs N] [--list] [--retry-failed] [--no-share]
+                                [--jobs N] [--list] [--report-only] [--retry-failed] [--no-share]
 
 NAME is a study file's stem (`experiments/studies/NAME.py`) or a path to a study file. Runs go to
 RUNS_ROOT/NAME/<run>/seed_<seed> (RUNS_ROOT/NAME-<N>steps/... with --steps, NAME-base/... with
@@ -12,6 +12,8 @@ runs of this one). `--scale` grows every run for an accelerator, keeping what th
 report (NAME.md, NAME.json and the PNG figures) goes to RUNS_ROOT/NAME/report, and with
 --write-docs to DOCS_DIR instead (the committed copy).
 The report is written once every run has finished or failed; a stopped study writes nothing.
+`--report-only` writes it at once from the runs finished so far (each run's cells say how many
+seeds they hold) and trains nothing: a look at a study another process is still running.
 A run whose settings equal a run another study under RUNS_ROOT has finished is shared with it,
 not trained again (moejax/study/sharing.py; --no-share turns that off).
 
@@ -63,6 +65,9 @@ def parse_args(argv):
   p.add_argument("--list", action="store_true",
                  help="print every run, seed and its state (and the finished run of another "
                       "study it would share); train nothing")
+  p.add_argument("--report-only", action="store_true",
+                 help="write the report from the runs finished so far; train and evaluate "
+                      "nothing (works while the study runs)")
   p.add_argument("--retry-failed", action="store_true",
                  help="train again the runs whose last attempt failed")
   p.add_argument("--jobs", type=int, default=1,
@@ -140,6 +145,10 @@ def main(argv=None) -> int:
     os.environ.setdefault(CACHE_VARIABLE, str(pathlib.Path(args.runs_root).resolve() / CACHE_DIR))
     if args.list:
       list_jobs(jobs, None if args.no_share else pathlib.Path(args.runs_root))
+      return 0
+    if args.report_only:  # reads finished runs only: no lock, whatever another process runs
+      print("study: wrote " + ", ".join(str(p) for p in write_report(name, study, jobs, args)),
+            flush=True)
       return 0
     directory.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(directory):
