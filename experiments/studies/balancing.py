@@ -17,12 +17,13 @@ dropped fraction and the router z-loss, the mean squared log-partition of the ro
 which measures their magnitude (moejax logs no other logit statistic).
 
 Run time: 5 minutes per run on the 2-core development machine, two at a time with nothing else
-running (15 runs trained, lb0.01 shared with num_experts' e8: 41 minutes). Measured result
+running (21 runs trained, lb0.01 shared with num_experts' e8). Measured result
 (2026-11-26, 3 seeds): validation loss 4.2558 (no balancing), 4.2190 (1e-3), 4.1984 (1e-2),
 4.2196 (1e-1): 1e-2 is best, as Switch reports; the z-loss cuts the logits' squared
 log-partition from 9.93 to 0.78 at no cost in quality (4.1924 without it); aux-loss-free at
 u = 1e-3 balances training as well as the loss but trails it by 0.019 (2.1 standard errors):
-in 500 steps its sign updates move a bias by at most 0.5 (docs/studies/README.md).
+in 500 steps its sign updates move a bias by at most 0.5; at u = 3e-3 (4.2026) and 1e-2
+(4.1942) it is level with the loss (docs/studies/README.md).
 """
 
 from moejax.study import Run, Study
