@@ -233,12 +233,13 @@ def build(name: str, data_dir: epath.PathLike, **builder_kwargs) -> tfds.core.Da
   if name not in BUILDERS:
     raise ValueError(f"name={name!r} is not a dataset moejax builds; expected one of "
                      f"{sorted(BUILDERS)}.")
-  builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
+  make = lambda: BUILDERS[name](data_dir=str(data_dir), file_format="array_record",
+                                **builder_kwargs)
+  builder = make()
   if builder.is_prepared():
     return builder
   with _building(data_dir, name):
-    # Again: another process may have built it while this one waited.
-    builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record", **builder_kwargs)
+    builder = make()  # again: another process may have built it while this one waited
     if not builder.is_prepared():
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           compute_stats=tfds.download.ComputeStatsMode.SKIP))
