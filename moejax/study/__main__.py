@@ -112,13 +112,14 @@ def study_dir(args, name: str) -> pathlib.Path:
 def list_jobs(jobs, share_root: pathlib.Path | None) -> None:
   """One line per job: its state and workdir; where it is linked to another study's run, or
   (`share_root` given) would be at its start, that run, relative to the runs root."""
+  width = max((len(job.run.name) for job in jobs), default=0)
   for job in jobs:
     where = sharing.shared_with(job)
     note = f" (shared: {where})" if where else ""
     if not where and share_root is not None:
       twin = sharing.twin_of_unstarted(job, share_root)
       note = f" (will share: {twin.relative_to(share_root)})" if twin else ""
-    print(f"{job.run.name:<24} seed {job.seed:<4} {job.num_steps:>7} steps   "
+    print(f"{job.run.name:<{width}}  seed {job.seed:<4} {job.num_steps:>7} steps   "
           f"{runner.status(job):<9} {job.workdir}{note}")
 
 
