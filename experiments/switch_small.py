@@ -18,6 +18,10 @@ A later fresh clone (2026-11-25, .venv already created by `make test`, the machi
 6 min 37 s at 5.6k tokens/s, with the same validation loss to the last digit. Since attention
 runs through `jax.nn.dot_product_attention` (float32 rounding differs), a fresh clone gave
 validation loss 4.2022 (9 min 10 s, 4.0k tokens/s, a test run sharing the machine for part of it).
+On 2026-11-26, quiet, a fresh clone's `make train` took 2 min 41 s (13.8k tokens/s on both cores)
+and gave 4.1962; the same seed in a study run, pinned to one core with XLA on one thread, gave
+4.2022: the float reduction order follows XLA's thread count, so the loss repeats to the last
+digit only on the same machine type and thread setting.
 
 Expected result (seed 0, deterministic on CPU): validation loss 4.204, perplexity 66.9 after
 500 steps, against 4.231 for `dense_small` (docs/compare.md); every expert in use, under 0.1% of
