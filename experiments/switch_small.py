@@ -23,13 +23,13 @@ and gave 4.1962; the same seed in a study run, pinned to one core with XLA on on
 4.2022: the float reduction order follows XLA's thread count, so the loss repeats to the last
 digit only on the same machine type and thread setting.
 
-Expected result (seed 0, deterministic on CPU): validation loss 4.204, perplexity 66.9 after
-500 steps, against 4.231 for `dense_small` (docs/compare.md); every expert in use, under 0.1% of
-validation tokens dropped. Over three seeds (the `compare` and `routers` studies,
-docs/studies/): 4.1996 ± 0.0113 against dense_small's 4.2290 ± 0.0031, 4.3 standard errors of
-the difference. The workdir then holds checkpoints/{250,500}, metrics.jsonl and
-TensorBoard events (`.venv/bin/tensorboard --logdir runs/switch_small/tensorboard`). Rerunning the command
-resumes (or, when finished, re-evaluates); SIGTERM saves and exits 0.
+Expected result (seed 0, deterministic for a machine type and XLA thread count): validation loss
+4.204, perplexity 66.9 after 500 steps, against 4.231 for `dense_small` (docs/compare.md); every
+expert in use, under 0.1% of validation tokens dropped. Over three seeds (the `compare` and
+`routers` studies, docs/studies/): 4.1996 ± 0.0113 against dense_small's 4.2290 ± 0.0031, 4.3
+standard errors of the difference. The workdir then holds checkpoints/{250,500}, metrics.jsonl and
+TensorBoard events (`.venv/bin/tensorboard --logdir runs/switch_small/tensorboard`). Rerunning the
+command resumes (or, when finished, re-evaluates); SIGTERM saves and exits 0.
 """
 
 from experiments import base

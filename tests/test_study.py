@@ -176,6 +176,7 @@ def test_a_run_another_study_finished_is_shared_not_retrained(pair, env, capsys,
     for seed, line in enumerate(lines):
       workdir = pair.root / "runs" / "other" / "switch" / f"seed_{seed}"
       assert line.endswith(f" new       {workdir}{note.format(seed)}"), line
+      assert line.startswith(f"switch  seed {seed}"), line  # the name column fits the names
   assert not (pair.root / "runs" / "other").exists()  # listing creates and links nothing
   for attempt in range(2):
     result = run_study(other, pair.root / "runs", env)

@@ -11,13 +11,15 @@ per 128-token sequence, capacity factor 1.25 gives C = ceil(1.25 * 128 / E) slot
 dropped.
 
 Run time: 5-6 minutes per run on the 2-core development machine, two at a time with nothing else
-running (the first 18 runs: 47 minutes; the dropless 9: 23 minutes). Measured result (2026-11-26, 3 seeds): validation loss dense
-4.2279, then 4.2173, 4.2031, 4.1984, 4.2104, 4.2300 for 2, 4, 8, 16, 32 experts. Switch's trend
-holds to 8 experts (6.3 standard errors below dense) and reverses beyond: with 128-token
-routing groups an expert has 5 slots at E=32 and 18% of the tokens overflow in training, and
-each expert sees a 32nd of the 2M tokens. Dropless (2026-11-26, 3 seeds): 4.1787, 4.1822,
-4.1876 at 8, 16, 32 experts, all 5-11 standard errors below dense: dropped tokens made the
-reversal; without them the curve flattens past 8 experts (docs/studies/README.md).
+running (the first 18 runs: 47 minutes; the dropless 9: 23 minutes).
+
+Measured result (2026-11-26, 3 seeds): validation loss dense 4.2279, then 4.2173, 4.2031, 4.1984,
+4.2104, 4.2300 for 2, 4, 8, 16, 32 experts. Switch's trend holds to 8 experts (6.3 standard errors
+below dense) and reverses beyond: with 128-token routing groups an expert has 5 slots at E=32 and
+18% of the tokens overflow in training, and each expert sees a 32nd of the 2M tokens. Dropless
+(2026-11-26, 3 seeds): 4.1787, 4.1822, 4.1876 at 8, 16, 32 experts, all 5-11 standard errors below
+dense: dropped tokens made the reversal; without them the curve flattens past 8 experts
+(docs/studies/README.md).
 """
 
 from moejax.study import Run, Study
